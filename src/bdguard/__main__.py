@@ -1,0 +1,3 @@
+from bdguard.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,156 @@
+"""The attack interface: poison a training set (keeping the poison mask apart) and trigger test images."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from bdguard.config import check_range, from_dict, merge
+from bdguard.data.base import ImageSet
+from bdguard.errors import BdguardError
+
+
+@dataclass
+class AttackConfig:
+    """Settings every attack shares; `params` holds the attack's own options (its `Params` dataclass)."""
+
+    name: str = "none"
+    target: int = 0
+    mode: Literal["all2one", "all2all"] = "all2one"
+    rate: float = 0.1
+    seed: int = 0
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_range("attack rate", self.rate, 0.0, 1.0)
+        check_range("attack target", self.target, 0)
+
+
+@dataclass
+class NoParams:
+    pass
+
+
+@dataclass(frozen=True)
+class PoisonedSet:
+    """A poisoned training set plus its provenance, which only evaluation may read."""
+
+    train: ImageSet  # images with triggers inserted, labels as the attacker set them
+    poison_mask: torch.Tensor  # bool (N,): trigger inserted
+    cross_mask: torch.Tensor  # bool (N,): noise/cross samples (WaNet, IAD), labels kept
+    original_labels: torch.Tensor  # int64 (N,)
+    manifest: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TriggeredSet:
+    """Triggered test images with their true classes and the classes the attacker wants."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    targets: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+class Attack(ABC):
+    """Base of every attack. A subclass sets `name`, `Params` and implements `apply`.
+
+    `rate` is the fraction of the whole training set for poison-label attacks and of the target class for
+    clean-label ones (`clean_label = True`); the manifest records which.
+    """
+
+    name: ClassVar[str]
+    Params: ClassVar[type] = NoParams
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    clean_label: ClassVar[bool] = False
+    has_trigger: ClassVar[bool] = True
+
+    def __init__(self, config: AttackConfig, num_classes: int, image_shape: tuple[int, int, int]) -> None:
+        if config.target >= num_classes:
+            raise BdguardError(f"attack target {config.target} is not a class (the data set has {num_classes})")
+        if config.mode == "all2all" and self.clean_label:
+            raise BdguardError(f"attack {self.name} is clean-label and supports only mode all2one")
+        self.config = config
+        self.num_classes = num_classes
+        self.image_shape = image_shape
+        self.params = from_dict(self.Params, self._resolve_presets(dict(config.params)), prefix=f"{self.name}.")
+
+    def _resolve_presets(self, params: dict[str, Any]) -> dict[str, Any]:
+        preset = params.pop("preset", None)
+        if preset is None:
+            return params
+        if preset not in self.presets:
+            known = ", ".join(self.presets) or "none"
+            raise BdguardError(f"attack {self.name} has no preset {preset!r}; presets: {known}")
+        return merge(self.presets[preset], params)
+
+    @property
+    def rate_meaning(self) -> str:
+        return "fraction of the target class" if self.clean_label else "fraction of the whole training set"
+
+    @abstractmethod
+    def apply(self, images: torch.Tensor) -> torch.Tensor:
+        """Insert the trigger into a batch of uint8 images (N, C, H, W); returns new uint8 images."""
+
+    def target_labels(self, labels: torch.Tensor) -> torch.Tensor:
+        if self.config.mode == "all2all":
+            return (labels + 1) % self.num_classes
+        return torch.full_like(labels, self.config.target)
+
+    def select(self, labels: torch.Tensor) -> torch.Tensor:
+        """Seeded boolean mask of the samples to poison: round(rate x eligible) of the eligible ones."""
+        eligible = (labels == self.config.target) if self.clean_label else torch.ones_like(labels, dtype=torch.bool)
+        candidates = eligible.nonzero().squeeze(1).cpu()
+        count = round(self.config.rate * candidates.numel())
+        generator = torch.Generator().manual_seed(self.config.seed)
+        chosen = candidates[torch.randperm(candidates.numel(), generator=generator)[:count]]
+        mask = torch.zeros(labels.shape[0], dtype=torch.bool)
+        mask[chosen] = True
+        return mask.to(labels.device)
+
+    def _check_shape(self, data: ImageSet) -> None:
+        if data.image_shape != tuple(self.image_shape):
+            raise BdguardError(
+                f"attack {self.name} was built for {tuple(self.image_shape)} images, got {data.image_shape}"
+            )
+
+    def poison(self, train: ImageSet) -> PoisonedSet:
+        self._check_shape(train)
+        mask = self.select(train.labels)
+        images = train.images.clone()
+        labels = train.labels.clone()
+        images[mask] = self.apply(train.images[mask])
+        if not self.clean_label:
+            labels[mask] = self.target_labels(train.labels[mask])
+        cross = torch.zeros_like(mask)
+        return PoisonedSet(ImageSet(images, labels), mask, cross, train.labels, self.manifest(mask, cross))
+
+    def test_set(self, test: ImageSet) -> TriggeredSet:
+        """Triggered test images; all-to-one leaves out images already of the target class."""
+        self._check_shape(test)
+        if self.config.mode == "all2one":
+            keep = test.labels != self.config.target
+        else:
+            keep = torch.ones_like(test.labels, dtype=torch.bool)
+        images, labels = test.images[keep], test.labels[keep]
+        return TriggeredSet(self.apply(images), labels, self.target_labels(labels))
+
+    def manifest(self, poison_mask: torch.Tensor, cross_mask: torch.Tensor) -> dict[str, Any]:
+        return {
+            "attack": self.name,
+            "target": self.config.target,
+            "mode": self.config.mode,
+            "rate": self.config.rate,
+            "rate_meaning": self.rate_meaning,
+            "clean_label": self.clean_label,
+            "seed": self.config.seed,
+            "params": dict(vars(self.params)),
+            "poisoned": int(poison_mask.sum()),
+            "cross": int(cross_mask.sum()),
+            "total": int(poison_mask.numel()),
+        }

@@ -1,0 +1,88 @@
+"""CLI flags as dotted keys of `RunConfig`, so the command line and a config file fill the same object."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from bdguard.config import load_file, parse_assignments, set_dotted, to_dict
+from bdguard.pipeline import RunConfig
+
+SECTIONS = ("data", "attack", "defense", "train")
+
+# (flag, dotted key in RunConfig, extra argparse settings)
+DATA_FLAGS = [
+    ("--dataset", "data.dataset", {"help": "data set name, or imagefolder:<path> (see `bdguard datasets`)"}),
+    ("--data-root", "data.data_root", {"help": "where the data set is: a folder or archive"}),
+    ("--download", "data.download", {"action": "store_const", "const": True, "help": "allow torchvision downloads"}),
+    ("--image-size", "data.image_size", {"help": "resize images to this square size"}),
+]
+ATTACK_FLAGS = [
+    ("--attack", "attack.name", {"help": "attack name (see `bdguard attacks`)"}),
+    ("--target", "attack.target", {"help": "target class"}),
+    ("--mode", "attack.mode", {"help": "all2one or all2all"}),
+    ("--rate", "attack.rate", {"help": "poisoning rate (the attack's manifest says of what)"}),
+    ("--attack-seed", "attack.seed", {"help": "seed of the poisoned-sample choice and generated triggers"}),
+]
+TRAIN_FLAGS = [
+    ("--defense", "defense.name", {"help": "defense name (see `bdguard defenses`)"}),
+    ("--model", "train.model", {"help": "architecture (see `bdguard models`)"}),
+    ("--epochs", "train.epochs", {}),
+    ("--batch-size", "train.batch_size", {}),
+    ("--optimizer", "train.optimizer", {"help": "sgd or adam"}),
+    ("--lr", "train.lr", {"help": "base learning rate"}),
+    ("--schedule", "train.schedule", {"help": "cosine, step, onecycle or constant"}),
+    ("--label-smoothing", "train.label_smoothing", {}),
+    ("--no-augment", "train.augment", {"action": "store_const", "const": False, "help": "train without crop/flip"}),
+    ("--seed", "train.seed", {"help": "training seed"}),
+    ("--device", "train.device", {"help": "auto, cpu, cuda, cuda:N or mps"}),
+    ("--threads", "train.threads", {"help": "CPU threads for torch (0: torch's default)"}),
+]
+
+
+def _default(dotted: str) -> Any:
+    node: Any = to_dict(RunConfig())
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def add_flags(parser: argparse.ArgumentParser, flags: list[tuple[str, str, dict]]) -> None:
+    for flag, dotted, extra in flags:
+        extra = dict(extra)
+        text = extra.pop("help", "")
+        default = _default(dotted)
+        if "action" not in extra:
+            text = f"{text} (default: {default})" if text else f"default: {default}"
+        parser.add_argument(flag, dest=dotted, default=None, help=text, **extra)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, set_help: str) -> None:
+    parser.add_argument("--config", help="a TOML or YAML file of settings (sections data, attack, defense, train)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
+
+
+def run_config(args: argparse.Namespace, primary: str = "attack") -> RunConfig:
+    """Defaults < --config file < flags < --set, then one typed, validated RunConfig.
+
+    A `--set` key is a full path (`train.momentum=0.8`), or starts with the chosen attack's or defense's name
+    (`badnets.patch_size=4`), or is bare, in which case it belongs to the `primary` section's params.
+    """
+    tree: dict[str, Any] = load_file(args.config) if getattr(args, "config", None) else {}
+    for dotted, value in vars(args).items():
+        if value is not None and dotted.split(".")[0] in SECTIONS:
+            set_dotted(tree, dotted, value)
+    names = {
+        "attack": tree.get("attack", {}).get("name", _default("attack.name")),
+        "defense": tree.get("defense", {}).get("name", _default("defense.name")),
+    }
+    for key, value in parse_assignments(getattr(args, "set", None)).items():
+        head, _, rest = key.partition(".")
+        if head in SECTIONS and rest:
+            set_dotted(tree, key, value)
+        elif rest and head in names.values():
+            section = "attack" if head == names["attack"] else "defense"
+            set_dotted(tree, f"{section}.params.{rest}", value)
+        else:
+            set_dotted(tree, f"{primary}.params.{key}", value)
+    return RunConfig.from_dict(tree)

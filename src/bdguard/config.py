@@ -1,0 +1,182 @@
+"""Typed dataclass configs filled from dicts, TOML/YAML files and `key=value` strings.
+
+One mechanism serves the CLI and the Python API: a config is built from a nested dict of
+defaults < file < flags, every value checked against the field's type, unknown keys refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+
+import yaml
+
+from bdguard.errors import BdguardError
+
+try:  # Python >= 3.11
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+T = TypeVar("T")
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+_NONE = {"none", "null", ""}
+
+
+def _is_optional(tp: Any) -> tuple[bool, Any]:
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(get_args(tp)) == 2:
+            return True, args[0]
+    return False, tp
+
+
+def coerce(value: Any, tp: Any, name: str) -> Any:
+    """Check `value` against the annotation `tp`, converting strings (CLI, --set) where unambiguous."""
+    optional, inner = _is_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in _NONE):
+        if optional or tp is Any:
+            return None
+        raise BdguardError(f"{name} must not be empty")
+    tp = inner
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise BdguardError(f"{name} must be a table of settings, got {value!r}")
+        return from_dict(tp, value, prefix=f"{name}.")
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise BdguardError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise BdguardError(f"{name} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise BdguardError(f"{name} must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(str(value).strip())
+        except ValueError:
+            raise BdguardError(f"{name} must be an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise BdguardError(f"{name} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise BdguardError(f"{name} must be a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (str, Path)):
+            return str(value)
+        raise BdguardError(f"{name} must be a string, got {value!r}")
+    if origin in (tuple, list):
+        items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise BdguardError(f"{name} must be a list, got {value!r}")
+        args = get_args(tp)
+        item_type = args[0] if args else Any
+        converted = [coerce(v, item_type, f"{name}[{i}]") for i, v in enumerate(items)]
+        return tuple(converted) if origin is tuple else converted
+    if origin is dict or tp is dict:
+        if isinstance(value, Mapping):
+            return dict(value)
+        raise BdguardError(f"{name} must be a table of settings, got {value!r}")
+    raise TypeError(f"unsupported config type {tp!r} for {name}")  # a bug in a config class, not user input
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
+    """Build dataclass `cls` from `data`, checking every key and value; `__post_init__` then validates ranges."""
+    if not isinstance(data, Mapping):
+        raise BdguardError(f"{prefix.rstrip('.') or cls.__name__} must be a table of settings")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        known = ", ".join(fields)
+        raise BdguardError(f"unknown setting '{prefix}{unknown[0]}'; known: {known}")
+    kwargs = {key: coerce(value, hints[key], f"{prefix}{key}") for key, value in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(obj)))
+
+
+def parse_assignments(pairs: list[str] | None) -> dict[str, str]:
+    """['a=1', 'b.c=x'] -> {'a': '1', 'b.c': 'x'}; the values stay strings until a field's type converts them."""
+    result: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise BdguardError(f"--set expects key=value, got {pair!r}")
+        result[key.strip()] = value.strip()
+    return result
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """tree['a']['b'] = value for 'a.b', creating tables on the way."""
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise BdguardError(f"setting {dotted!r}: {part!r} is a value, not a table")
+    node[leaf] = value
+
+
+def merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep merge: tables merge key by key, anything else in `update` replaces."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML (.toml) or YAML (.yaml/.yml) config file into a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise BdguardError(f"config file not found: {path}")
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(path.read_text())
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(path.read_text()) or {}
+        else:
+            raise BdguardError(f"config file must end in .toml, .yaml or .yml: {path}")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise BdguardError(f"cannot parse config file {path}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise BdguardError(f"config file {path} must hold a table of settings")
+    return data
+
+
+def check_range(name: str, value: float, low: float | None = None, high: float | None = None) -> None:
+    """Refuse a value outside [low, high] with the parameter's name and the allowed range."""
+    if (low is not None and value < low) or (high is not None and value > high):
+        lo = "-inf" if low is None else low
+        hi = "inf" if high is None else high
+        raise BdguardError(f"{name} must be in [{lo}, {hi}], got {value}")

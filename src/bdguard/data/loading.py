@@ -1,0 +1,92 @@
+"""Load a data set by name into a `DataBundle`, decoding it at most once per source identity."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bdguard.data import cache
+from bdguard.data.base import DataBundle, ImageSet, channel_stats
+from bdguard.data.config import DataConfig
+from bdguard.data.sources import DATASETS, DatasetSource, RawSplits
+
+log = logging.getLogger(__name__)
+ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
+
+
+def make_source(config: DataConfig) -> DatasetSource:
+    """The source for `config.dataset`: a registered name, or "<name>:<argument>" as in imagefolder:<path>."""
+    name, sep, arg = config.dataset.partition(":")
+    return DATASETS.get(name)(config, arg if sep else None)
+
+
+def load_dataset(config: DataConfig) -> DataBundle:
+    """The data set as CPU tensors (the caller moves them to its device).
+
+    Cacheable sources are decoded once and then memory-mapped from <cache_dir>/<name>-<hash>/ (copy-on-write:
+    editing the tensors in place is safe and never changes the cache). `extra` holds "cache" (that folder, or
+    None for sets built in memory) and "from_cache" (whether this call read it instead of decoding).
+    """
+    source = make_source(config)
+    extra: dict[str, Any] = {"cache": None, "from_cache": False}
+    if not source.cacheable:
+        raw, stats = _decode(source)
+    else:
+        identity = source.identity()
+        entry = cache.entry_dir(config.cache_path(), source.name, identity)
+        hit = _from_cache(entry, identity)
+        if hit is not None:
+            raw, stats = hit
+            extra["from_cache"] = True
+        else:
+            log.info("decoding %s once (it will be cached in %s)", source.bundle_name, entry)
+            raw, stats = _decode(source)
+            info = {"classes": list(raw.classes), "source": raw.source, "mean": stats[0], "std": stats[1]}
+            cache.save_entry(entry, identity, {key: getattr(raw, key) for key in ARRAYS}, info)
+        extra["cache"] = str(entry)
+    mean, std = stats
+    return DataBundle(
+        name=source.bundle_name,
+        train=ImageSet(torch.from_numpy(raw.train_images), torch.from_numpy(raw.train_labels)),
+        test=ImageSet(torch.from_numpy(raw.test_images), torch.from_numpy(raw.test_labels)),
+        classes=raw.classes,
+        mean=tuple(mean),
+        std=tuple(std),
+        flip=source.flip,
+        source=raw.source,
+        extra=extra,
+    )
+
+
+def _from_cache(entry: Path, identity: str) -> tuple[RawSplits, tuple[tuple[float, ...], tuple[float, ...]]] | None:
+    hit = cache.load_entry(entry, identity)
+    if hit is None:
+        return None
+    arrays, meta = hit
+    try:
+        raw = RawSplits(*(arrays[key] for key in ARRAYS), tuple(meta["classes"]), str(meta["source"]))
+        return raw, (tuple(meta["mean"]), tuple(meta["std"]))
+    except (KeyError, TypeError):  # a hand-edited or foreign meta.json: rebuild rather than trust it
+        return None
+
+
+def _decode(source: DatasetSource) -> tuple[RawSplits, tuple[tuple[float, ...], tuple[float, ...]]]:
+    raw = source.load()
+    raw.validate(source.bundle_name)
+    if source.mean is not None and source.std is not None:
+        return raw, (source.mean, source.std)  # reference constants; computing them would cost seconds
+    return raw, channel_stats(torch.from_numpy(raw.train_images))
+
+
+def dataset_status() -> list[dict[str, Any]]:
+    """One row per registered data set: name, description, available offline, and where it would come from."""
+    rows = []
+    for name in DATASETS.names():
+        source = DATASETS.get(name)(DataConfig(dataset=name))
+        available, where = source.status()
+        shown = f"{name}:<path>" if source.takes_arg() else name
+        rows.append({"name": shown, "description": source.description, "available": available, "where": where})
+    return rows

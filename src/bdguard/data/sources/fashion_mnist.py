@@ -1,0 +1,123 @@
+"""Fashion-MNIST from its four idx files (gzip or not): Debian's package, torchvision's raw folder, or a download."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+
+from bdguard.data.sources import DATASETS, DatasetSource, RawSplits, download_root, given_root, search_roots
+from bdguard.errors import BdguardError
+
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
+FILES = {  # array name -> idx file stem, (number of dimensions)
+    "train_images": ("train-images-idx3-ubyte", 3),
+    "train_labels": ("train-labels-idx1-ubyte", 1),
+    "test_images": ("t10k-images-idx3-ubyte", 3),
+    "test_labels": ("t10k-labels-idx1-ubyte", 1),
+}
+
+
+def _files_in(folder: Path) -> dict[str, Path] | None:
+    """The four idx files in one folder (uncompressed preferred), or None unless all four are there."""
+    found = {}
+    for key, (stem, _) in FILES.items():
+        path = next((p for p in (folder / stem, folder / f"{stem}.gz") if p.is_file()), None)
+        if path is None:
+            return None
+        found[key] = path
+    return found
+
+
+def _candidates(folder: Path) -> list[Path]:
+    """Folders that may hold the idx files, given a folder to search, best first."""
+    return [folder, folder / "raw", folder / "FashionMNIST" / "raw", folder / "fashion-mnist"]
+
+
+def read_idx(path: Path, ndim: int) -> np.ndarray:
+    """An idx file of unsigned bytes: magic 0x0000 0x08 <ndim>, then ndim big-endian int32 sizes, then the data."""
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as exc:
+        raise BdguardError(f"cannot read {path}: {exc}") from None
+    header = 4 + 4 * ndim
+    if len(data) < header or data[:4] != bytes((0, 0, 0x08, ndim)):
+        raise BdguardError(f"{path} is not an idx file of unsigned bytes with {ndim} dimension(s)")
+    shape = tuple(int(n) for n in np.frombuffer(data, dtype=">i4", count=ndim, offset=4))
+    body = np.frombuffer(bytearray(data), dtype=np.uint8, offset=header)  # a bytearray keeps the array writable
+    if body.size != int(np.prod(shape)):
+        raise BdguardError(f"{path} is truncated: the header promises {shape}, the file holds {body.size} bytes")
+    return body.reshape(shape)
+
+
+@DATASETS.register("fashion-mnist")
+class FashionMnist(DatasetSource):
+    name = "fashion-mnist"
+    description = "Fashion-MNIST: 10 classes of 28x28 grayscale clothing, 60000 train / 10000 test"
+    flip = True
+    downloadable = True
+    native_size = 28
+
+    def _folders(self) -> list[Path]:
+        root = given_root(self.config)
+        if root is not None:
+            return _candidates(root)
+        return [DEBIAN_DIR] + [c for folder in search_roots(self.config) for c in _candidates(folder)[2:]]
+
+    def _resolve(self) -> dict[str, Path] | None:
+        return next((files for folder in self._folders() if (files := _files_in(folder))), None)
+
+    def locate(self) -> str | None:
+        try:
+            files = self._resolve()
+        except BdguardError:
+            return None
+        return None if files is None else str(files["train_images"].parent)
+
+    def identity(self) -> str:
+        files = self._resolve()
+        if files is None:
+            if not self.config.download:
+                raise self._not_found()
+            return f"fashion-mnist|download|{download_root(self.config).absolute()}"
+        stats = [(p.resolve(), p.stat()) for p in files.values()]
+        return "fashion-mnist|" + "|".join(f"{p}:{s.st_size}:{s.st_mtime_ns}" for p, s in stats)
+
+    def load(self) -> RawSplits:
+        from torchvision.datasets import FashionMNIST  # imported here: torchvision is slow to import
+
+        files = self._resolve()
+        if files is None:
+            if not self.config.download:
+                raise self._not_found()
+            root = download_root(self.config)
+            try:
+                for train in (True, False):
+                    FashionMNIST(str(root), train=train, download=True)
+            except (RuntimeError, OSError, ValueError) as exc:
+                raise BdguardError(f"cannot download Fashion-MNIST into {root}: {exc}") from None
+            files = _files_in(root / "FashionMNIST" / "raw")
+            if files is None:
+                raise BdguardError(f"torchvision's download left no idx files in {root / 'FashionMNIST' / 'raw'}")
+        arrays = {key: read_idx(files[key], ndim) for key, (_, ndim) in FILES.items()}
+        for split in ("train", "test"):
+            images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+            if images.shape[1:] != (28, 28) or len(images) != len(labels):
+                raise BdguardError(f"{files[f'{split}_images']}: not Fashion-MNIST ({images.shape} images)")
+        return RawSplits(
+            np.ascontiguousarray(arrays["train_images"][:, None]),
+            arrays["train_labels"].astype(np.int64),
+            np.ascontiguousarray(arrays["test_images"][:, None]),
+            arrays["test_labels"].astype(np.int64),
+            tuple(FashionMNIST.classes),
+            f"Fashion-MNIST idx files in {files['train_images'].parent}",
+        )
+
+    def _not_found(self) -> BdguardError:
+        where = ", ".join(str(folder) for folder in self._folders())
+        return BdguardError(
+            f"Fashion-MNIST not found (looked for its idx files in {where}); install Debian's dataset-fashion-mnist, "
+            "or pass --data-root PATH, or --download to fetch it with torchvision"
+        )

@@ -1,0 +1,12 @@
+"""Defenses, one file each, registered by name in `DEFENSES`."""
+
+from bdguard.defenses import none  # noqa: F401  (registration)
+from bdguard.defenses.base import Defense, DefenseConfig, TrainingDefense, TrainingJob
+from bdguard.defenses.registry import DEFENSES
+
+
+def build_defense(config: DefenseConfig) -> Defense:
+    return DEFENSES.get(config.name)(config)
+
+
+__all__ = ["DEFENSES", "Defense", "DefenseConfig", "TrainingDefense", "TrainingJob", "build_defense"]

@@ -1,0 +1,24 @@
+"""No defense: plain training on the training set as given."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from bdguard.defenses.base import TrainingDefense, TrainingJob
+from bdguard.defenses.registry import DEFENSES
+from bdguard.training.trainer import Trainer, fit, make_augment, steps_per_epoch
+
+
+@DEFENSES.register("none")
+class NoDefense(TrainingDefense):
+    name = "none"
+    description = "plain training on the (possibly poisoned) training set"
+
+    def train(self, job: TrainingJob) -> tuple[torch.nn.Module, dict[str, Any]]:
+        model = job.new_model()
+        steps = steps_per_epoch(len(job.poisoned.train), job.train.batch_size)
+        trainer = Trainer(model, job.train, job.device, make_augment(job.train, job.bundle.flip), steps)
+        fit(trainer, job.poisoned.train, job.evaluate, job.run_dir, job.fingerprint, job.resume, job.quiet)
+        return model, {}

@@ -1,0 +1,3 @@
+from bdguard.registry import Registry
+
+DEFENSES: Registry = Registry("defense")

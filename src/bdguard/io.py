@@ -1,0 +1,48 @@
+"""Atomic file writes: a reader (or an interrupted run) never sees half a file."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, BinaryIO
+
+
+@contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path in the target's folder; on success it replaces `path` in one rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_with(path: str | Path, writer: Callable[[BinaryIO], None]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        writer(handle)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    write_with(path, lambda handle: handle.write(text.encode()))
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
+    """Rewrite a JSON-lines file whole, so its lines always match a finished state."""
+    write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())

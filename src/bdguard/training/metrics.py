@@ -1,0 +1,57 @@
+"""Benign accuracy (BA), attack success rate (ASR) and robust accuracy (RA).
+
+BA: accuracy on the whole clean test set. ASR: the share of triggered test images (whose true class is
+not the target, for all-to-one) classified as the attacker's target. RA: the share of the same images
+classified as their true class.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from bdguard.attacks.base import TriggeredSet
+from bdguard.data.augment import to_float
+from bdguard.data.base import ImageSet
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bfloat16 autocast on CUDA (no loss scaling needed); a no-op elsewhere."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 512, amp: bool = True) -> torch.Tensor:
+    """Predicted classes for uint8 images, in eval mode, batch by batch."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        batch = to_float(images[start : start + batch_size].to(device, non_blocking=True))
+        with autocast(device, amp):
+            out.append(model(batch).argmax(1))
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=device)
+
+
+def accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
+    if labels.numel() == 0:
+        return float("nan")
+    return int((predictions == labels.to(predictions.device)).sum()) / labels.numel()
+
+
+def evaluate(
+    model: torch.nn.Module, clean: ImageSet, triggered: TriggeredSet | None, batch_size: int = 512, amp: bool = True
+) -> dict[str, float | None]:
+    """BA on `clean`; ASR and RA on `triggered` (None when there is no attack)."""
+    result: dict[str, float | None] = {"ba": accuracy(predict(model, clean.images, batch_size, amp), clean.labels)}
+    if triggered is None:
+        result.update(asr=None, ra=None)
+    else:
+        pred = predict(model, triggered.images, batch_size, amp)
+        result.update(asr=accuracy(pred, triggered.targets), ra=accuracy(pred, triggered.labels))
+    return result

@@ -1,0 +1,112 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bdguard.cli.main import main
+
+TRAIN = ["train", "--dataset", "synthetic", "--model", "small-cnn", "--epochs", "1", "--threads", "2", "--quiet"]
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _assert_one_line_error(code, err, fragment):
+    assert code == 2
+    errors = [line for line in err.strip().splitlines() if line.startswith("bdguard: error:")]
+    assert len(errors) == 1 and err.strip().endswith(errors[0]), err
+    assert fragment in errors[0], errors[0]
+    assert "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main([*TRAIN, "--attack", "badnets", "--set", "patch_size=4", "--out", str(out)]) == 0
+    return out
+
+
+def test_train_then_evaluate_agree(trained, tmp_path, capsys):
+    train_results = json.loads((trained / "results.json").read_text())
+    assert train_results["attack"] == "badnets" and train_results["model"] == "small-cnn"
+    assert json.loads((trained / "attack.json").read_text())["params"]["patch_size"] == 4
+    # the attack (with its patch size) comes from the model file when --attack is not given
+    code, out, _ = _run(
+        capsys,
+        "evaluate",
+        "--model",
+        str(trained / "model.safetensors"),
+        "--dataset",
+        "synthetic",
+        "--out",
+        str(tmp_path / "eval"),
+    )
+    assert code == 0 and "ASR" in out
+    evaluated = json.loads((tmp_path / "eval" / "results.json").read_text())
+    for key in ("ba", "asr", "ra"):
+        assert evaluated[key] == pytest.approx(train_results[key])
+    assert {"dataset", "attack", "defense", "model", "epochs", "seconds"} <= set(evaluated)
+
+
+def test_listings(capsys):
+    code, out, _ = _run(capsys, "datasets")
+    assert code == 0 and "synthetic" in out and "cifar10" in out
+    code, out, _ = _run(capsys, "attacks")
+    assert code == 0 and "badnets" in out and "patch_size=3" in out and "reference" in out
+    code, out, _ = _run(capsys, "defenses")
+    assert code == 0 and "none" in out
+    code, out, _ = _run(capsys, "models")
+    assert code == 0 and "resnet20" in out and "preact-resnet18" in out
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["train", "--dataset", "nosuchset", "--out", "x"], "unknown data set 'nosuchset'"),
+        ([*TRAIN, "--rate", "2", "--out", "x"], "attack rate must be in"),
+        ([*TRAIN, "--rate", "lots", "--out", "x"], "attack.rate must be a number"),
+        ([*TRAIN, "--attack", "badnet", "--out", "x"], "did you mean 'badnets'"),
+        ([*TRAIN, "--attack", "badnets", "--set", "colour=red", "--out", "x"], "unknown setting 'badnets.colour'"),
+        ([*TRAIN, "--model", "vgg99", "--out", "x"], "unknown model 'vgg99'"),
+        ([*TRAIN, "--device", "cuda:0", "--out", "x"], "CUDA is not available"),
+        (["train", "--dataset", "synthetic"], "--out"),
+        (["train", "--config", "/nonexistent.toml", "--out", "x"], "config file not found"),
+        (["evaluate", "--model", "/nonexistent/model.safetensors", "--dataset", "synthetic"], "/nonexistent"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(argv, fragment, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _run(capsys, *argv)
+    _assert_one_line_error(code, err, fragment)
+
+
+def test_foreign_and_corrupt_model_files_are_refused(tmp_path, capsys):
+    pickled = tmp_path / "model.safetensors"
+    torch.save({"w": torch.zeros(2)}, pickled)
+    code, _, err = _run(capsys, "evaluate", "--model", str(pickled), "--dataset", "synthetic")
+    _assert_one_line_error(code, err, "pickle")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    code, _, err = _run(capsys, "evaluate", "--model", str(garbage), "--dataset", "synthetic")
+    _assert_one_line_error(code, err, "safetensors")
+
+
+def test_evaluate_refuses_a_model_of_another_shape(trained, capsys):
+    code, _, err = _run(capsys, "evaluate", "--model", str(trained / "model.safetensors"), "--dataset", "digits")
+    _assert_one_line_error(code, err, "expects 10 classes of (3, 16, 16) images")
+
+
+def test_existing_run_needs_resume(trained, capsys):
+    code, _, err = _run(capsys, *TRAIN, "--attack", "badnets", "--set", "patch_size=4", "--out", str(trained))
+    _assert_one_line_error(code, err, "--resume")
+
+
+def test_console_entry_point():
+    done = subprocess.run([sys.executable, "-m", "bdguard", "--version"], capture_output=True, text=True, check=True)
+    assert done.stdout.startswith("bdguard ")

@@ -1,0 +1,106 @@
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bdguard.attacks import AttackConfig, build_attack
+from bdguard.data.base import ImageSet
+from bdguard.errors import BdguardError
+from bdguard.io import read_json
+from bdguard.pipeline import RunConfig, run_train
+from bdguard.training import TrainConfig, evaluate
+from bdguard.training.schedule import lr_factor
+from bdguard.training.trainer import Trainer
+
+
+def _config(**train):
+    base = {"model": "small-cnn", "epochs": 2, "batch_size": 64, "lr": 0.05, "schedule": "onecycle", "threads": 2}
+    return RunConfig.from_dict(
+        {"data": {"dataset": "synthetic"}, "attack": {"name": "badnets", "rate": 0.1}, "train": {**base, **train}}
+    )
+
+
+def test_lr_schedules():
+    step = TrainConfig(schedule="step", milestones=(0.5, 0.75), gamma=0.1)
+    assert [lr_factor(step, p) for p in (0.0, 0.49, 0.5, 0.8)] == pytest.approx([1, 1, 0.1, 0.01])
+    cosine = TrainConfig(schedule="cosine")
+    assert [lr_factor(cosine, p) for p in (0.0, 0.5, 1.0)] == pytest.approx([1, 0.5, 0], abs=1e-9)
+    one = TrainConfig(schedule="onecycle", warmup=0.25)
+    values = [lr_factor(one, p / 100) for p in range(101)]
+    assert values.index(max(values)) == 25 and values[0] < 0.05 and values[-1] < 1e-3
+
+
+class _Always(torch.nn.Module):
+    """A stand-in model that predicts one fixed class."""
+
+    def __init__(self, cls: int, classes: int = 10) -> None:
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.nn.functional.one_hot(torch.tensor(cls), classes).float())
+
+    def forward(self, x):
+        return self.logits.expand(x.shape[0], -1)
+
+
+def test_asr_excludes_target_class_images():
+    labels = torch.arange(100) % 10
+    test = ImageSet(torch.zeros((100, 3, 32, 32), dtype=torch.uint8), labels)
+    triggered = build_attack(AttackConfig(name="badnets", target=4), 10, (3, 32, 32)).test_set(test)
+    # a model that always answers the target: BA is the target's share, ASR is 1, RA is 0
+    assert evaluate(_Always(4), test, triggered) == {"ba": 0.1, "asr": 1.0, "ra": 0.0}
+    # a model that always answers class 7 is right on the 10 class-7 images among the 90 triggered ones
+    assert evaluate(_Always(7), test, triggered) == pytest.approx({"ba": 0.1, "asr": 0.0, "ra": 1 / 9})
+
+
+def test_a_poisoned_model_learns_the_backdoor(tmp_path):
+    results = run_train(_config(epochs=4), tmp_path / "run", quiet=True)
+    assert results["ba"] > 0.85, results
+    assert results["asr"] > 0.9, results
+    assert results["poisoned"] == 200
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 4
+    for name in ("model.safetensors", "model.json", "results.json", "config.json", "attack.json", "poison_mask.npy"):
+        assert (tmp_path / "run" / name).exists(), name
+    saved = read_json(tmp_path / "run" / "results.json")
+    assert {"ba", "asr", "ra", "dataset", "attack", "defense", "model", "epochs", "seconds"} <= set(saved)
+
+
+def test_clean_training_has_no_asr(tmp_path):
+    config = _config(epochs=1)
+    config.attack = AttackConfig(name="none")
+    results = run_train(config, tmp_path / "clean", quiet=True)
+    assert results["asr"] is None and results["ra"] is None and results["poisoned"] == 0
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, monkeypatch):
+    config = _config(epochs=3)
+    run_train(config, tmp_path / "straight", quiet=True)
+
+    original = Trainer.train_epoch
+    calls = {"n": 0}
+
+    def interrupted(self, data, epoch, quiet=False):
+        calls["n"] += 1
+        if epoch == 2 and calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self, data, epoch, quiet)
+
+    monkeypatch.setattr(Trainer, "train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(config, tmp_path / "resumed", quiet=True)
+    assert len((tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()) == 1
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    with pytest.raises(BdguardError, match="--resume"):
+        run_train(config, tmp_path / "resumed", quiet=True)
+    run_train(config, tmp_path / "resumed", resume=True, quiet=True)
+
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "resumed" / "metrics.jsonl").read_text() != ""
+    assert len((tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
+    run_train(_config(epochs=1), tmp_path / "run", quiet=True)
+    with pytest.raises(BdguardError, match="different settings"):
+        run_train(_config(epochs=1, lr=0.01), tmp_path / "run", resume=True, quiet=True)
