@@ -16,15 +16,16 @@ import numpy as np
 import torch
 
 from bdguard import __version__
-from bdguard.attacks import ATTACKS, AttackConfig, TriggeredSet, build_attack
+from bdguard.attacks import ATTACKS, AttackConfig, AttackContext, TriggeredSet, build_attack
 from bdguard.config import from_dict, to_dict
 from bdguard.data import DataBundle, DataConfig, load_dataset
 from bdguard.defenses import DefenseConfig, TrainingDefense, TrainingJob, build_defense
 from bdguard.errors import BdguardError
 from bdguard.io import write_json, write_with
-from bdguard.models import MODELS, ModelMeta, build_model, load_model, save_model
+from bdguard.models import MODELS, load_model, save_model
 from bdguard.progress import log
-from bdguard.training import TrainConfig, evaluate, resolve_device, seed_everything
+from bdguard.training import TrainConfig, evaluate, resolve_device
+from bdguard.training.factory import model_meta, new_model
 
 
 @dataclass
@@ -91,6 +92,7 @@ def run_train(config: RunConfig, out: str | Path, resume: bool = False, quiet: b
     began = time.perf_counter()
     bundle = prepare_data(config.data, device)
     attack = build_attack(config.attack, bundle.num_classes, bundle.image_shape)
+    attack.prepare(bundle, AttackContext(device, config.data.cache_path(), quiet))
     poisoned = attack.poison(bundle.train)
     triggered = attack.test_set(bundle.test) if attack.has_trigger else None
     out.mkdir(parents=True, exist_ok=True)
@@ -98,12 +100,6 @@ def run_train(config: RunConfig, out: str | Path, resume: bool = False, quiet: b
     write_json(out / "attack.json", poisoned.manifest)
     mask = poisoned.poison_mask.cpu().numpy()
     write_with(out / "poison_mask.npy", lambda handle: np.save(handle, mask, allow_pickle=False))
-
-    def new_model() -> torch.nn.Module:
-        seed_everything(config.train.seed)
-        channels, kwargs = bundle.image_shape[0], config.train.model_kwargs
-        model = build_model(config.train.model, bundle.num_classes, channels, bundle.mean, bundle.std, **kwargs)
-        return model.to(device)
 
     def evaluate_model(model: torch.nn.Module) -> dict[str, Any]:
         return evaluate(model, bundle.test, triggered, config.train.eval_batch_size, config.train.amp)
@@ -114,7 +110,7 @@ def run_train(config: RunConfig, out: str | Path, resume: bool = False, quiet: b
         triggered=triggered,
         train=config.train,
         device=device,
-        new_model=new_model,
+        new_model=lambda: new_model(bundle, config.train, device),
         evaluate=evaluate_model,
         run_dir=out,
         fingerprint=fingerprint(config),
@@ -122,17 +118,8 @@ def run_train(config: RunConfig, out: str | Path, resume: bool = False, quiet: b
         quiet=quiet,
     )
     model, extra = defense.train(job)
-    meta = ModelMeta(
-        architecture=config.train.model,
-        arch_kwargs=dict(config.train.model_kwargs),
-        num_classes=bundle.num_classes,
-        classes=list(bundle.classes),
-        input_shape=list(bundle.image_shape),
-        mean=list(bundle.mean),
-        std=list(bundle.std),
-        dataset=bundle.name,
-        extra={"attack": to_dict(config.attack), "defense": to_dict(config.defense), "train": to_dict(config.train)},
-    )
+    extra_meta = {"attack": to_dict(config.attack), "defense": to_dict(config.defense), "train": to_dict(config.train)}
+    meta = model_meta(bundle, config.train, extra_meta)
     save_model(model.to(memory_format=torch.contiguous_format), out / "model.safetensors", meta)
     results = {
         **evaluate_model(model),
@@ -174,6 +161,7 @@ def run_evaluate(
             f"but {bundle.name} has {bundle.num_classes} classes of {bundle.image_shape} images"
         )
     attack_obj = build_attack(attack, bundle.num_classes, bundle.image_shape)
+    attack_obj.prepare(bundle, AttackContext(torch_device, data.cache_path()))
     triggered: TriggeredSet | None = attack_obj.test_set(bundle.test) if attack_obj.has_trigger else None
     results = {
         **evaluate(model, bundle.test, triggered, batch_size),

@@ -1,7 +1,7 @@
 """Poisoning attacks, one file each, registered by name in `ATTACKS`."""
 
 from bdguard.attacks import badnets, blended, none, sig, wanet  # noqa: F401  (registration)
-from bdguard.attacks.base import Attack, AttackConfig, PoisonedSet, TriggeredSet
+from bdguard.attacks.base import Attack, AttackConfig, AttackContext, PoisonedSet, TriggeredSet
 from bdguard.attacks.registry import ATTACKS
 
 
@@ -10,4 +10,4 @@ def build_attack(config: AttackConfig, num_classes: int, image_shape: tuple[int,
     return ATTACKS.get(config.name)(config, num_classes, image_shape)
 
 
-__all__ = ["ATTACKS", "Attack", "AttackConfig", "PoisonedSet", "TriggeredSet", "build_attack"]
+__all__ = ["ATTACKS", "Attack", "AttackConfig", "AttackContext", "PoisonedSet", "TriggeredSet", "build_attack"]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
 
 from bdguard.config import check_range, from_dict, merge
-from bdguard.data.base import ImageSet
+from bdguard.data.base import DataBundle, ImageSet
 from bdguard.errors import BdguardError
 
 
@@ -32,6 +33,15 @@ class AttackConfig:
 @dataclass
 class NoParams:
     pass
+
+
+@dataclass(frozen=True)
+class AttackContext:
+    """Where and how an attack that learns its trigger may train: the device, a cache folder, quiet output."""
+
+    device: torch.device
+    cache_dir: Path
+    quiet: bool = False
 
 
 @dataclass(frozen=True)
@@ -88,6 +98,10 @@ class Attack(ABC):
             known = ", ".join(self.presets) or "none"
             raise BdguardError(f"attack {self.name} has no preset {preset!r}; presets: {known}")
         return merge(self.presets[preset], params)
+
+    def prepare(self, bundle: DataBundle, context: AttackContext) -> None:  # noqa: B027 (an optional hook)
+        """Learn whatever the trigger needs from clean data before `poison`/`test_set` (a generator, a surrogate
+        model, an optimised mask), cached under `context.cache_dir`. Fixed-trigger attacks need nothing."""
 
     @property
     def rate_meaning(self) -> str:

@@ -1,0 +1,46 @@
+"""A clean model trained once per (data set, settings) and cached: the surrogate that LC perturbs against and the
+model whose neurons Trojan excites. Trained with the one trainer, stored as a bdguard model file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from bdguard.config import to_dict
+from bdguard.data.base import DataBundle
+from bdguard.models import BackdoorModel, load_model, save_model
+from bdguard.progress import log
+from bdguard.training.config import TrainConfig
+from bdguard.training.factory import model_meta, new_model
+from bdguard.training.trainer import Trainer, fit, make_augment, steps_per_epoch
+
+
+def _key(bundle: DataBundle, config: TrainConfig) -> str:
+    settings = to_dict(config)
+    for volatile in ("device", "threads", "eval_batch_size"):
+        settings.pop(volatile)
+    # the labels' checksum tells apart two sets that share a name and size
+    identity = [bundle.name, bundle.source, len(bundle.train), int(bundle.train.labels.sum()), settings]
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def clean_model(
+    bundle: DataBundle, config: TrainConfig, cache_dir: Path, device: torch.device, quiet: bool = False
+) -> BackdoorModel:
+    """A model trained on `bundle.train` (clean) with `config`, loaded from `cache_dir/models` when it exists."""
+    name = bundle.name.replace(":", "_").replace("/", "_")
+    path = Path(cache_dir) / "models" / f"clean-{name}-{config.model}-{_key(bundle, config)}.safetensors"
+    if path.exists():
+        model, _ = load_model(path, device)
+        return model
+    log(f"training a clean {config.model} on {bundle.name} for {config.epochs} epochs (cached in {path})")
+    model = new_model(bundle, config, device)
+    steps = steps_per_epoch(len(bundle.train), config.batch_size)
+    trainer = Trainer(model, config, device, make_augment(config, bundle.flip), steps)
+    fit(trainer, bundle.train, lambda m: {}, quiet=quiet)
+    meta = model_meta(bundle, config, {"train": to_dict(config), "purpose": "clean surrogate"})
+    save_model(model.to(memory_format=torch.contiguous_format).eval(), path, meta)
+    return model.eval()
