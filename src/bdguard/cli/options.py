@@ -54,6 +54,7 @@ def add_flags(parser: argparse.ArgumentParser, flags: list[tuple[str, str, dict]
         default = _default(dotted)
         if "action" not in extra:
             text = f"{text} (default: {default})" if text else f"default: {default}"
+            extra["metavar"] = flag.lstrip("-").replace("-", "_").upper()
         parser.add_argument(flag, dest=dotted, default=None, help=text, **extra)
 
 

@@ -2,7 +2,8 @@
 
 A source finds its files (`locate`), names them for the cache (`identity`) and decodes them once (`load`) into
 numpy arrays; `bdguard.data.loading` caches those arrays and turns them into a `DataBundle`.
-Adding a data set = one module here that subclasses `DatasetSource` and registers it, plus its import below.
+Adding a data set = one module here that subclasses `DatasetSource` (or `FileSource`, for files that are searched
+for or downloaded by torchvision) and registers it, plus its import below.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import ClassVar
+from typing import ClassVar, Generic, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -28,6 +29,8 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 )
 GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
+
+Found = TypeVar("Found")  # what a `FileSource` search returns: its own handle on the files
 
 
 @dataclass
@@ -107,6 +110,83 @@ class DatasetSource(ABC):
         if where is not None:
             return True, where
         return False, "download via torchvision (--download)" if self.downloadable else "not found"
+
+
+class FileSource(DatasetSource, Generic[Found]):
+    """A data set read from files that are searched for (or named by --data-root), or fetched by torchvision.
+
+    The search, the download fallback, the cache key of a download and the not-found message are the same for
+    every such set; a subclass finds its files (`_resolve`) and says how to show, name, read and fetch them.
+    """
+
+    downloadable = True
+    title: ClassVar[str]  # the name in messages, e.g. "CIFAR-10"
+    looked_for: ClassVar[str]  # what the search looks for, listed when nothing is found
+    hint: ClassVar[str] = ""  # another way to get the files, offered before --data-root and --download
+
+    @abstractmethod
+    def _resolve(self) -> Found | None:
+        """The files, or None when they are not here; raises BdguardError for a bad --data-root."""
+
+    @abstractmethod
+    def _where(self, found: Found) -> Path:
+        """The path shown for the files."""
+
+    @abstractmethod
+    def _key(self, found: Found) -> str:
+        """The part of the cache key that names the files found."""
+
+    @abstractmethod
+    def _read(self, found: Found) -> RawSplits:
+        """Decode the files found."""
+
+    @abstractmethod
+    def _download(self, root: Path) -> Found:
+        """Fetch the data set into `root` with torchvision and return its files."""
+
+    def _identity_prefix(self) -> str:
+        """The start of every cache key; a source whose arrays depend on more than its files adds that here."""
+        return self.name
+
+    def _searched(self) -> str:
+        """Where the search looked, for the not-found message."""
+        if self.config.data_root is not None:
+            return f"--data-root {self.config.data_root}"
+        return ", ".join(str(folder) for folder in search_roots(self.config))
+
+    def locate(self) -> str | None:
+        try:
+            found = self._resolve()
+        except BdguardError:  # a bad --data-root: `bdguard datasets` shows the set as not available
+            return None
+        return None if found is None else str(self._where(found))
+
+    def identity(self) -> str:
+        found = self._resolve()
+        if found is not None:
+            return f"{self._identity_prefix()}|{self._key(found)}"
+        if not self.config.download:
+            raise self._not_found()
+        # Nothing to name before the download: the folder it will land in stands for it.
+        return f"{self._identity_prefix()}|download|{download_root(self.config).absolute()}"
+
+    def load(self) -> RawSplits:
+        found = self._resolve()
+        if found is None:
+            if not self.config.download:
+                raise self._not_found()
+            root = download_root(self.config)
+            try:
+                found = self._download(root)
+            except (RuntimeError, OSError, ValueError, EOFError) as exc:  # what torchvision raises when it fails
+                raise BdguardError(f"cannot download {self.title} into {root}: {exc}") from None
+        return self._read(found)
+
+    def _not_found(self) -> BdguardError:
+        advice = "pass --data-root PATH, or --download to fetch it with torchvision"
+        if self.hint:
+            advice = f"{self.hint}, or {advice}"
+        return BdguardError(f"{self.title} not found in {self._searched()} (looked for {self.looked_for}); {advice}")
 
 
 def search_roots(config: DataConfig) -> list[Path]:

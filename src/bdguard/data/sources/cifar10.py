@@ -10,10 +10,9 @@ import numpy as np
 
 from bdguard.data.sources import (
     DATASETS,
-    DatasetSource,
+    FileSource,
     ImageDecoder,
     RawSplits,
-    download_root,
     given_root,
     is_image_name,
     iter_tar_xz,
@@ -51,14 +50,15 @@ def _candidates(folder: Path) -> list[tuple[str, Path]]:
 
 
 @DATASETS.register("cifar10")
-class Cifar10(DatasetSource):
+class Cifar10(FileSource[tuple[str, Path]]):
     name = "cifar10"
     description = "CIFAR-10: 10 classes of 32x32 colour photos, 50000 train / 10000 test"
     flip = True
     mean = (0.4914, 0.4822, 0.4465)
     std = (0.2023, 0.1994, 0.2010)
-    downloadable = True
     native_size = 32
+    title = "CIFAR-10"
+    looked_for = f"{BATCHES}/, {'/, '.join(UNPACKED)}/ with train/ and test/, {ARCHIVE}"
 
     def _resolve(self) -> tuple[str, Path] | None:
         root = given_root(self.config)
@@ -72,34 +72,17 @@ class Cifar10(DatasetSource):
             candidates = [c for folder in search_roots(self.config) for c in _candidates(folder)]
         return next((hit for kind, path in candidates if (hit := _found(kind, path))), None)
 
-    def locate(self) -> str | None:
-        try:
-            found = self._resolve()
-        except BdguardError:
-            return None
-        if found is None:
-            return None
+    def _where(self, found: tuple[str, Path]) -> Path:
         kind, path = found
-        return str(path / BATCHES if kind == "torchvision" else path)
+        return path / BATCHES if kind == "torchvision" else path
 
-    def identity(self) -> str:
-        found = self._resolve()
-        if found is None:
-            if not self.config.download:
-                raise self._not_found()
-            return f"cifar10|download|{download_root(self.config).absolute()}"
-        kind, path = found
-        return f"cifar10|{kind}|{path_identity(path / BATCHES if kind == 'torchvision' else path)}"
+    def _key(self, found: tuple[str, Path]) -> str:
+        return f"{found[0]}|{path_identity(self._where(found))}"
 
-    def load(self) -> RawSplits:
-        found = self._resolve()
-        if found is None:
-            if not self.config.download:
-                raise self._not_found()
-            return _from_torchvision(download_root(self.config), download=True)
+    def _read(self, found: tuple[str, Path]) -> RawSplits:
         kind, path = found
         if kind == "torchvision":
-            return _from_torchvision(path, download=False)
+            return _from_torchvision(path)
         if kind == "imagefolder":
             decoder = ImageDecoder(resize_hint=False)
             classes, train, test = read_split_dirs(path / "train", path / "test", decoder)
@@ -107,22 +90,19 @@ class Cifar10(DatasetSource):
             return _checked(RawSplits(*train, *test, CLASSES, f"CIFAR-10 ImageFolder {path}"), path)
         return _from_archive(path)
 
-    def _not_found(self) -> BdguardError:
-        if self.config.data_root is not None:
-            where = f"--data-root {self.config.data_root}"
-        else:
-            where = ", ".join(str(folder) for folder in search_roots(self.config))
-        return BdguardError(
-            f"CIFAR-10 not found in {where} (looked for {BATCHES}/, {'/, '.join(UNPACKED)}/ with train/ and test/, "
-            f"{ARCHIVE}); pass --data-root PATH, or --download to fetch it with torchvision"
-        )
+    def _download(self, root: Path) -> tuple[str, Path]:
+        from torchvision.datasets import CIFAR10  # imported here: torchvision is slow to import
+
+        # One archive holds both splits; asking for the test split fetches it all but loads only the small batch.
+        CIFAR10(str(root), train=False, download=True)
+        return "torchvision", root
 
 
-def _from_torchvision(root: Path, download: bool) -> RawSplits:
+def _from_torchvision(root: Path) -> RawSplits:
     from torchvision.datasets import CIFAR10  # imported here: torchvision is slow to import
 
     try:
-        train = CIFAR10(str(root), train=True, download=download)
+        train = CIFAR10(str(root), train=True, download=False)
         test = CIFAR10(str(root), train=False, download=False)
     except (RuntimeError, OSError, ValueError, EOFError) as exc:
         raise BdguardError(f"cannot read CIFAR-10 from {root}: {exc}") from None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bdguard.data.sources import DATASETS, DatasetSource, RawSplits, download_root, given_root, search_roots
+from bdguard.data.sources import DATASETS, FileSource, RawSplits, given_root, search_roots
 from bdguard.errors import BdguardError
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
@@ -53,12 +53,14 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
 
 
 @DATASETS.register("fashion-mnist")
-class FashionMnist(DatasetSource):
+class FashionMnist(FileSource[dict[str, Path]]):
     name = "fashion-mnist"
     description = "Fashion-MNIST: 10 classes of 28x28 grayscale clothing, 60000 train / 10000 test"
     flip = True
-    downloadable = True
     native_size = 28
+    title = "Fashion-MNIST"
+    looked_for = "its idx files"
+    hint = "install Debian's dataset-fashion-mnist"
 
     def _folders(self) -> list[Path]:
         root = given_root(self.config)
@@ -69,55 +71,39 @@ class FashionMnist(DatasetSource):
     def _resolve(self) -> dict[str, Path] | None:
         return next((files for folder in self._folders() if (files := _files_in(folder))), None)
 
-    def locate(self) -> str | None:
-        try:
-            files = self._resolve()
-        except BdguardError:
-            return None
-        return None if files is None else str(files["train_images"].parent)
+    def _searched(self) -> str:
+        return ", ".join(str(folder) for folder in self._folders())  # every folder tried, several per root
 
-    def identity(self) -> str:
-        files = self._resolve()
-        if files is None:
-            if not self.config.download:
-                raise self._not_found()
-            return f"fashion-mnist|download|{download_root(self.config).absolute()}"
-        stats = [(p.resolve(), p.stat()) for p in files.values()]
-        return "fashion-mnist|" + "|".join(f"{p}:{s.st_size}:{s.st_mtime_ns}" for p, s in stats)
+    def _where(self, found: dict[str, Path]) -> Path:
+        return found["train_images"].parent
 
-    def load(self) -> RawSplits:
+    def _key(self, found: dict[str, Path]) -> str:
+        stats = [(p.resolve(), p.stat()) for p in found.values()]
+        return "|".join(f"{p}:{s.st_size}:{s.st_mtime_ns}" for p, s in stats)
+
+    def _read(self, found: dict[str, Path]) -> RawSplits:
         from torchvision.datasets import FashionMNIST  # imported here: torchvision is slow to import
 
-        files = self._resolve()
-        if files is None:
-            if not self.config.download:
-                raise self._not_found()
-            root = download_root(self.config)
-            try:
-                for train in (True, False):
-                    FashionMNIST(str(root), train=train, download=True)
-            except (RuntimeError, OSError, ValueError) as exc:
-                raise BdguardError(f"cannot download Fashion-MNIST into {root}: {exc}") from None
-            files = _files_in(root / "FashionMNIST" / "raw")
-            if files is None:
-                raise BdguardError(f"torchvision's download left no idx files in {root / 'FashionMNIST' / 'raw'}")
-        arrays = {key: read_idx(files[key], ndim) for key, (_, ndim) in FILES.items()}
+        arrays = {key: read_idx(found[key], ndim) for key, (_, ndim) in FILES.items()}
         for split in ("train", "test"):
             images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
             if images.shape[1:] != (28, 28) or len(images) != len(labels):
-                raise BdguardError(f"{files[f'{split}_images']}: not Fashion-MNIST ({images.shape} images)")
+                raise BdguardError(f"{found[f'{split}_images']}: not Fashion-MNIST ({images.shape} images)")
         return RawSplits(
             np.ascontiguousarray(arrays["train_images"][:, None]),
             arrays["train_labels"].astype(np.int64),
             np.ascontiguousarray(arrays["test_images"][:, None]),
             arrays["test_labels"].astype(np.int64),
             tuple(FashionMNIST.classes),
-            f"Fashion-MNIST idx files in {files['train_images'].parent}",
+            f"Fashion-MNIST idx files in {self._where(found)}",
         )
 
-    def _not_found(self) -> BdguardError:
-        where = ", ".join(str(folder) for folder in self._folders())
-        return BdguardError(
-            f"Fashion-MNIST not found (looked for its idx files in {where}); install Debian's dataset-fashion-mnist, "
-            "or pass --data-root PATH, or --download to fetch it with torchvision"
-        )
+    def _download(self, root: Path) -> dict[str, Path]:
+        from torchvision.datasets import FashionMNIST
+
+        for train in (True, False):
+            FashionMNIST(str(root), train=train, download=True)
+        files = _files_in(root / "FashionMNIST" / "raw")
+        if files is None:
+            raise BdguardError(f"torchvision's download left no idx files in {root / 'FashionMNIST' / 'raw'}")
+        return files

@@ -14,10 +14,9 @@ import numpy as np
 
 from bdguard.data.sources import (
     DATASETS,
-    DatasetSource,
+    FileSource,
     ImageDecoder,
     RawSplits,
-    download_root,
     given_root,
     is_image_name,
     iter_tar_xz,
@@ -57,11 +56,12 @@ def _candidates(folder: Path) -> list[tuple[str, Path]]:
 
 
 @DATASETS.register("gtsrb")
-class Gtsrb(DatasetSource):
+class Gtsrb(FileSource[tuple[str, Path]]):
     name = "gtsrb"
     description = "GTSRB: 43 classes of German traffic signs, 39209 train / 12630 test, resized to 32x32"
     flip = False  # mirrored signs change meaning (turn left / turn right)
-    downloadable = True
+    title = "GTSRB"
+    looked_for = f"gtsrb/GTSRB/ and {ARCHIVE}"
 
     @property
     def size(self) -> int:
@@ -79,53 +79,27 @@ class Gtsrb(DatasetSource):
             candidates = [c for folder in search_roots(self.config) for c in _candidates(folder)]
         return next((hit for kind, path in candidates if (hit := _found(kind, path))), None)
 
-    def locate(self) -> str | None:
-        try:
-            found = self._resolve()
-        except BdguardError:
-            return None
-        return None if found is None else str(found[1] / "gtsrb" if found[0] == "torchvision" else found[1])
+    def _identity_prefix(self) -> str:
+        return f"{self.name}|size={self.size}"  # the images are resized when decoded
 
-    def identity(self) -> str:
-        found = self._resolve()
-        if found is None:
-            if not self.config.download:
-                raise self._not_found()
-            return f"gtsrb|size={self.size}|download|{download_root(self.config).absolute()}"
+    def _where(self, found: tuple[str, Path]) -> Path:
         kind, path = found
-        return f"gtsrb|size={self.size}|{kind}|{path_identity(path / 'gtsrb' if kind == 'torchvision' else path)}"
+        return path / "gtsrb" if kind == "torchvision" else path
 
-    def load(self) -> RawSplits:
-        found = self._resolve()
-        if found is None:
-            if not self.config.download:
-                raise self._not_found()
-            root = download_root(self.config)
-            _download(root)
-            found = ("torchvision", root)
+    def _key(self, found: tuple[str, Path]) -> str:
+        return f"{found[0]}|{path_identity(self._where(found))}"
+
+    def _read(self, found: tuple[str, Path]) -> RawSplits:
         kind, path = found
         decoder = ImageDecoder(self.size)
         return _from_archive(path, decoder) if kind == "archive" else _from_folder(path, decoder)
 
-    def _not_found(self) -> BdguardError:
-        if self.config.data_root is not None:
-            where = f"--data-root {self.config.data_root}"
-        else:
-            where = ", ".join(str(folder) for folder in search_roots(self.config))
-        return BdguardError(
-            f"GTSRB not found in {where} (looked for gtsrb/GTSRB/ and {ARCHIVE}); "
-            "pass --data-root PATH, or --download to fetch it with torchvision"
-        )
+    def _download(self, root: Path) -> tuple[str, Path]:
+        from torchvision.datasets import GTSRB  # imported here: torchvision is slow to import
 
-
-def _download(root: Path) -> None:
-    from torchvision.datasets import GTSRB  # imported here: torchvision is slow to import
-
-    try:
         for split in ("train", "test"):
             GTSRB(str(root), split=split, download=True)
-    except (RuntimeError, OSError, ValueError) as exc:
-        raise BdguardError(f"cannot download GTSRB into {root}: {exc}") from None
+        return "torchvision", root
 
 
 def _class_id(folder: str, where: str) -> int:
