@@ -6,22 +6,9 @@ import pytest
 import torch
 
 from bdguard.cli.main import main
+from cli_helpers import assert_one_line_error, run_cli
 
 TRAIN = ["train", "--dataset", "synthetic", "--model", "small-cnn", "--epochs", "1", "--threads", "2", "--quiet"]
-
-
-def _run(capsys, *argv):
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _assert_one_line_error(code, err, fragment):
-    assert code == 2
-    errors = [line for line in err.strip().splitlines() if line.startswith("bdguard: error:")]
-    assert len(errors) == 1 and err.strip().endswith(errors[0]), err
-    assert fragment in errors[0], errors[0]
-    assert "Traceback" not in err
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +23,7 @@ def test_train_then_evaluate_agree(trained, tmp_path, capsys):
     assert train_results["attack"] == "badnets" and train_results["model"] == "small-cnn"
     assert json.loads((trained / "attack.json").read_text())["params"]["patch_size"] == 4
     # the attack (with its patch size) comes from the model file when --attack is not given
-    code, out, _ = _run(
+    code, out, _ = run_cli(
         capsys,
         "evaluate",
         "--model",
@@ -54,13 +41,13 @@ def test_train_then_evaluate_agree(trained, tmp_path, capsys):
 
 
 def test_listings(capsys):
-    code, out, _ = _run(capsys, "datasets")
+    code, out, _ = run_cli(capsys, "datasets")
     assert code == 0 and "synthetic" in out and "cifar10" in out
-    code, out, _ = _run(capsys, "attacks")
+    code, out, _ = run_cli(capsys, "attacks")
     assert code == 0 and "badnets" in out and "patch_size=3" in out and "reference" in out
-    code, out, _ = _run(capsys, "defenses")
+    code, out, _ = run_cli(capsys, "defenses")
     assert code == 0 and "none" in out
-    code, out, _ = _run(capsys, "models")
+    code, out, _ = run_cli(capsys, "models")
     assert code == 0 and "resnet20" in out and "preact-resnet18" in out
 
 
@@ -82,29 +69,29 @@ def test_listings(capsys):
 )
 def test_bad_input_is_one_line_and_exit_2(argv, fragment, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code, _, err = _run(capsys, *argv)
-    _assert_one_line_error(code, err, fragment)
+    code, _, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, fragment)
 
 
 def test_foreign_and_corrupt_model_files_are_refused(tmp_path, capsys):
     pickled = tmp_path / "model.safetensors"
     torch.save({"w": torch.zeros(2)}, pickled)
-    code, _, err = _run(capsys, "evaluate", "--model", str(pickled), "--dataset", "synthetic")
-    _assert_one_line_error(code, err, "pickle")
+    code, _, err = run_cli(capsys, "evaluate", "--model", str(pickled), "--dataset", "synthetic")
+    assert_one_line_error(code, err, "pickle")
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    code, _, err = _run(capsys, "evaluate", "--model", str(garbage), "--dataset", "synthetic")
-    _assert_one_line_error(code, err, "safetensors")
+    code, _, err = run_cli(capsys, "evaluate", "--model", str(garbage), "--dataset", "synthetic")
+    assert_one_line_error(code, err, "safetensors")
 
 
 def test_evaluate_refuses_a_model_of_another_shape(trained, capsys):
-    code, _, err = _run(capsys, "evaluate", "--model", str(trained / "model.safetensors"), "--dataset", "digits")
-    _assert_one_line_error(code, err, "expects 10 classes of (3, 16, 16) images")
+    code, _, err = run_cli(capsys, "evaluate", "--model", str(trained / "model.safetensors"), "--dataset", "digits")
+    assert_one_line_error(code, err, "expects 10 classes of (3, 16, 16) images")
 
 
 def test_existing_run_needs_resume(trained, capsys):
-    code, _, err = _run(capsys, *TRAIN, "--attack", "badnets", "--set", "patch_size=4", "--out", str(trained))
-    _assert_one_line_error(code, err, "--resume")
+    code, _, err = run_cli(capsys, *TRAIN, "--attack", "badnets", "--set", "patch_size=4", "--out", str(trained))
+    assert_one_line_error(code, err, "--resume")
 
 
 def test_console_entry_point():

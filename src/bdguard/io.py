@@ -10,6 +10,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # reading the umask means setting it: put it straight back
+
 
 @contextmanager
 def atomic_path(path: str | Path):
@@ -18,6 +21,7 @@ def atomic_path(path: str | Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; results are meant to be shared like any file
     try:
         yield Path(tmp)
         os.replace(tmp, path)

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from bdguard import __version__
-from bdguard.attacks import ATTACKS, AttackConfig, AttackContext, TriggeredSet, build_attack
-from bdguard.config import from_dict, to_dict
+from bdguard.attacks import ATTACKS, Attack, AttackConfig, AttackContext, PoisonedSet, TriggeredSet, build_attack
+from bdguard.config import check_range, from_dict, to_dict
 from bdguard.data import DataBundle, DataConfig, load_dataset
 from bdguard.defenses import DefenseConfig, TrainingDefense, TrainingJob, build_defense
 from bdguard.errors import BdguardError
@@ -76,6 +76,23 @@ def _check_out_dir(out: Path, resume: bool) -> None:
         raise BdguardError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
 
 
+def _poisoned_data(
+    config: RunConfig, device: torch.device, quiet: bool
+) -> tuple[DataBundle, Attack, PoisonedSet, TriggeredSet | None]:
+    """Load the data, prepare the attack on it, poison the training set and trigger the test set."""
+    bundle = prepare_data(config.data, device)
+    attack = build_attack(config.attack, bundle.num_classes, bundle.image_shape)
+    attack.prepare(bundle, AttackContext(device, config.data.cache_path(), quiet))
+    poisoned = attack.poison(bundle.train)
+    triggered = attack.test_set(bundle.test) if attack.has_trigger else None
+    return bundle, attack, poisoned, triggered
+
+
+def _write_mask(path: Path, mask: torch.Tensor) -> None:
+    array = mask.cpu().numpy()
+    write_with(path, lambda handle: np.save(handle, array, allow_pickle=False))
+
+
 def run_train(config: RunConfig, out: str | Path, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
     """Poison (if an attack is set), train with the chosen defense, evaluate, and write the run folder."""
     out = Path(out)
@@ -90,16 +107,11 @@ def run_train(config: RunConfig, out: str | Path, resume: bool = False, quiet: b
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     began = time.perf_counter()
-    bundle = prepare_data(config.data, device)
-    attack = build_attack(config.attack, bundle.num_classes, bundle.image_shape)
-    attack.prepare(bundle, AttackContext(device, config.data.cache_path(), quiet))
-    poisoned = attack.poison(bundle.train)
-    triggered = attack.test_set(bundle.test) if attack.has_trigger else None
+    bundle, attack, poisoned, triggered = _poisoned_data(config, device, quiet)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", {"config": to_dict(config), "environment": environment()})
     write_json(out / "attack.json", poisoned.manifest)
-    mask = poisoned.poison_mask.cpu().numpy()
-    write_with(out / "poison_mask.npy", lambda handle: np.save(handle, mask, allow_pickle=False))
+    _write_mask(out / "poison_mask.npy", poisoned.poison_mask)
 
     def evaluate_model(model: torch.nn.Module) -> dict[str, Any]:
         return evaluate(model, bundle.test, triggered, config.train.eval_batch_size, config.train.amp)
@@ -137,6 +149,72 @@ def run_train(config: RunConfig, out: str | Path, resume: bool = False, quiet: b
     }
     write_json(out / "results.json", results)
     return results
+
+
+GALLERY_ROWS = 6  # poisoned samples shown in gallery.png
+
+
+def run_poison(config: RunConfig, out: str | Path, quiet: bool = False, rows: int = GALLERY_ROWS) -> dict[str, Any]:
+    """Poison the training set without training and write the run's poisoning record to `out`:
+
+    - manifest.json: the attack's manifest (attack, target, mode, rate, rate_meaning, clean_label, seed, params,
+      counts `poisoned`, `cross`, `total`), then the target's class name, the data set, its image shape and class
+      names, `poisoned_per_class`/`cross_per_class` (counts by original class, indexed like `classes`), the
+      config and environment, and last the sample lists: `poisoned_indices` with the `poisoned_original_labels`
+      and `poisoned_labels` (as the attacker set them) of those samples, and `cross_indices`;
+    - poison_mask.npy, cross_mask.npy: bool (N,) over the training set in load order (no pickles), so flagged
+      samples can be dropped;
+    - gallery.png: `rows` seeded poisoned samples (plus cross ones) beside their clean versions.
+    An earlier poison folder is overwritten; a training run's folder is refused, since its poison_mask.npy belongs
+    to its model. Only what `attack.prepare` needs is trained.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BdguardError(f"--out {out} exists and is not a folder")
+    if (out / "checkpoint.pt").exists() or (out / "model.safetensors").exists():
+        raise BdguardError(f"{out} holds a training run: choose another --out for poison")
+    check_range("gallery rows", rows, 1)
+    ATTACKS.get(config.attack.name)  # an unknown name fails before the data set loads
+    device = resolve_device(config.train.device)
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    bundle, attack, poisoned, triggered = _poisoned_data(config, device, quiet)
+    # Imported here: matplotlib is slow to import and only this command draws.
+    from bdguard.reporting.gallery import poison_gallery, write_figure
+
+    poison_mask, cross_mask = poisoned.poison_mask.cpu(), poisoned.cross_mask.cpu()
+    original, labels = poisoned.original_labels.cpu(), poisoned.train.labels.cpu()
+    poison_index = poison_mask.nonzero().squeeze(1)
+    named_target = attack.has_trigger and config.attack.mode == "all2one"
+    manifest = {
+        **poisoned.manifest,
+        "target_class": bundle.classes[config.attack.target] if named_target else None,
+        "dataset": bundle.name,
+        "dataset_source": bundle.source,
+        "image_shape": list(bundle.image_shape),
+        "classes": list(bundle.classes),
+        "poisoned_per_class": torch.bincount(original[poison_mask], minlength=bundle.num_classes).tolist(),
+        "cross_per_class": torch.bincount(original[cross_mask], minlength=bundle.num_classes).tolist(),
+        "files": {
+            "poison_mask.npy": "bool (N,) over the training set in load order: trigger inserted",
+            "cross_mask.npy": "bool (N,) over the training set in load order: noise/cross sample, label kept",
+            "gallery.png": "clean vs poisoned examples, amplified difference, triggered test images",
+        },
+        "config": {"data": to_dict(config.data), "attack": to_dict(config.attack)},
+        "environment": environment(),
+        "poisoned_indices": poison_index.tolist(),
+        "poisoned_original_labels": original[poison_index].tolist(),
+        "poisoned_labels": labels[poison_index].tolist(),
+        "cross_indices": cross_mask.nonzero().squeeze(1).tolist(),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    _write_mask(out / "poison_mask.npy", poison_mask)
+    _write_mask(out / "cross_mask.npy", cross_mask)
+    figure = poison_gallery(bundle.train, poisoned, triggered, bundle.classes, rows, seed=config.attack.seed)
+    write_figure(figure, out / "gallery.png")
+    # last, so a manifest.json on disk means the folder is complete
+    write_json(out / "manifest.json", manifest)
+    return manifest
 
 
 def run_evaluate(

@@ -37,8 +37,11 @@ class BadNetsParams:
         check_range("badnets.margin", self.margin, 0)
 
 
-def patch_origin(position: str, margin: int, patch: tuple[int, int], image: tuple[int, int]) -> tuple[int, int]:
-    """Top-left (row, col) of a patch of size `patch` placed at `position` in an image of size `image`."""
+def patch_origin(
+    position: str, margin: int, patch: tuple[int, int], image: tuple[int, int], what: str = "badnets"
+) -> tuple[int, int]:
+    """Top-left (row, col) of a patch of size `patch` placed at `position` in an image of size `image`; `what` names
+    the attack in error messages."""
     (ph, pw), (h, w) = patch, image
     corners = {
         "top-left": (margin, margin),
@@ -54,20 +57,20 @@ def patch_origin(position: str, margin: int, patch: tuple[int, int], image: tupl
             row, col = (int(v) for v in position.split(","))
         except ValueError:
             raise BdguardError(
-                f"badnets.position must be one of {', '.join(corners)} or 'row,col', got {position!r}"
+                f"{what}.position must be one of {', '.join(corners)} or 'row,col', got {position!r}"
             ) from None
     if ph > h or pw > w:
-        raise BdguardError(f"badnets patch {ph}x{pw} is larger than the {h}x{w} image")
+        raise BdguardError(f"{what} patch {ph}x{pw} is larger than the {h}x{w} image")
     if not (0 <= row <= h - ph and 0 <= col <= w - pw):
-        raise BdguardError(f"badnets patch {ph}x{pw} at ({row},{col}) does not fit in the {h}x{w} image")
+        raise BdguardError(f"{what} patch {ph}x{pw} at ({row},{col}) does not fit in the {h}x{w} image")
     return row, col
 
 
-def pattern_patch(pattern: str, size: int, channels: int, seed: int) -> torch.Tensor:
-    """A generated (C, size, size) uint8 patch."""
+def pattern_patch(pattern: str, size: int, channels: int, seed: int, what: str = "badnets") -> torch.Tensor:
+    """A generated (C, size, size) uint8 patch; `what` names the attack in error messages."""
     if pattern == "reference":
         if size != 2:
-            raise BdguardError("badnets pattern 'reference' is the 2x2 reference patch: set patch_size=2")
+            raise BdguardError(f"{what} pattern 'reference' is the 2x2 reference patch: set patch_size=2")
         rgb = torch.tensor(REFERENCE_PATCH, dtype=torch.uint8).T.reshape(3, 2, 2)
         if channels == 3:
             return rgb

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -143,6 +144,36 @@ class Attack(ABC):
             labels[mask] = self.target_labels(train.labels[mask])
         cross = torch.zeros_like(mask)
         return PoisonedSet(ImageSet(images, labels), mask, cross, train.labels, self.manifest(mask, cross))
+
+    def poison_with_cross(
+        self,
+        train: ImageSet,
+        cross_ratio: float,
+        make_cross: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+    ) -> PoisonedSet:
+        """Poisoning with cross (noise) samples, as WaNet and IAD do: one seeded permutation of all indices; its first
+        round(rate x N) samples get the trigger and the attacker's labels, the next round(cross_ratio x rate x N) keep
+        their labels and get the images `make_cross(index, generator)` returns for `train.images[index]`. The
+        generator continues the permutation's seeded CPU stream, so the cross images are repeatable too."""
+        self._check_shape(train)
+        n = len(train)
+        generator = torch.Generator().manual_seed(self.config.seed)
+        order = torch.randperm(n, generator=generator).to(train.device)
+        n_poison = round(self.config.rate * n)
+        n_cross = min(round(cross_ratio * self.config.rate * n), n - n_poison)
+        poison_index, cross_index = order[:n_poison], order[n_poison : n_poison + n_cross]
+
+        images, labels = train.images.clone(), train.labels.clone()
+        images[poison_index] = self.apply(train.images[poison_index])
+        labels[poison_index] = self.target_labels(train.labels[poison_index])
+        images[cross_index] = make_cross(cross_index, generator)
+
+        poison_mask = torch.zeros(n, dtype=torch.bool, device=train.device)
+        cross_mask = torch.zeros_like(poison_mask)
+        poison_mask[poison_index] = True
+        cross_mask[cross_index] = True
+        manifest = self.manifest(poison_mask, cross_mask)
+        return PoisonedSet(ImageSet(images, labels), poison_mask, cross_mask, train.labels, manifest)
 
     def test_set(self, test: ImageSet) -> TriggeredSet:
         """Triggered test images; all-to-one leaves out images already of the target class."""

@@ -146,22 +146,7 @@ class WaNet(Attack):
         return out
 
     def poison(self, train: ImageSet) -> PoisonedSet:
-        self._check_shape(train)
-        n = len(train)
-        generator = torch.Generator().manual_seed(self.config.seed)
-        order = torch.randperm(n, generator=generator).to(train.device)
-        n_poison = round(self.config.rate * n)
-        n_cross = min(round(self.params.cross_ratio * self.config.rate * n), n - n_poison)
-        poison_index, cross_index = order[:n_poison], order[n_poison : n_poison + n_cross]
+        def noisy(index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+            return self._apply_noisy(train.images[index], generator)
 
-        images, labels = train.images.clone(), train.labels.clone()
-        images[poison_index] = self.apply(train.images[poison_index])
-        labels[poison_index] = self.target_labels(train.labels[poison_index])
-        images[cross_index] = self._apply_noisy(train.images[cross_index], generator)
-
-        poison_mask = torch.zeros(n, dtype=torch.bool, device=train.device)
-        cross_mask = torch.zeros_like(poison_mask)
-        poison_mask[poison_index] = True
-        cross_mask[cross_index] = True
-        manifest = self.manifest(poison_mask, cross_mask)
-        return PoisonedSet(ImageSet(images, labels), poison_mask, cross_mask, train.labels, manifest)
+        return self.poison_with_cross(train, self.params.cross_ratio, noisy)

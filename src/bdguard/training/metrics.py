@@ -8,12 +8,15 @@ classified as their true class.
 from __future__ import annotations
 
 from contextlib import nullcontext
+from typing import TYPE_CHECKING
 
 import torch
 
-from bdguard.attacks.base import TriggeredSet
 from bdguard.data.augment import to_float
 from bdguard.data.base import ImageSet
+
+if TYPE_CHECKING:  # attacks import the training package: a runtime import would be circular
+    from bdguard.attacks.base import TriggeredSet
 
 
 def autocast(device: torch.device, enabled: bool):

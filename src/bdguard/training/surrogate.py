@@ -6,15 +6,19 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from bdguard.config import to_dict
+from bdguard.attacks.base import AttackContext
+from bdguard.config import check_range, to_dict
 from bdguard.data.base import DataBundle
-from bdguard.models import BackdoorModel, load_model, save_model
+from bdguard.errors import BdguardError
+from bdguard.models import MODELS, BackdoorModel, load_model, save_model
 from bdguard.progress import log
 from bdguard.training.config import TrainConfig
 from bdguard.training.factory import model_meta, new_model
+from bdguard.training.metrics import accuracy, predict
 from bdguard.training.trainer import Trainer, fit, make_augment, steps_per_epoch
 
 
@@ -44,3 +48,20 @@ def clean_model(
     meta = model_meta(bundle, config, {"train": to_dict(config), "purpose": "clean surrogate"})
     save_model(model.to(memory_format=torch.contiguous_format).eval(), path, meta)
     return model.eval()
+
+
+def check_surrogate(prefix: str, model: str, epochs: int) -> None:
+    """Refuse an unknown surrogate architecture or epoch count where the parameters enter."""
+    if model not in MODELS:
+        raise BdguardError(f"{prefix}.surrogate_model must be one of {', '.join(MODELS.names())}; got {model!r}")
+    check_range(f"{prefix}.surrogate_epochs", epochs, 1)
+
+
+def train_surrogate(
+    bundle: DataBundle, context: AttackContext, model: str, epochs: int
+) -> tuple[BackdoorModel, dict[str, Any]]:
+    """The cached clean model an attack learns from, in eval mode, and its description for the manifest."""
+    config = TrainConfig(model=model, epochs=epochs)
+    surrogate = clean_model(bundle, config, context.cache_dir, context.device, context.quiet).eval()
+    test_accuracy = accuracy(predict(surrogate, bundle.test.images), bundle.test.labels)
+    return surrogate, {"model": model, "epochs": epochs, "test_accuracy": test_accuracy}

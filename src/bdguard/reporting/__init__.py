@@ -1,0 +1,1 @@
+"""Figures and reports drawn from runs; imported on demand, since matplotlib is slow to import."""
