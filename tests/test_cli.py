@@ -97,3 +97,28 @@ def test_existing_run_needs_resume(trained, capsys):
 def test_console_entry_point():
     done = subprocess.run([sys.executable, "-m", "bdguard", "--version"], capture_output=True, text=True, check=True)
     assert done.stdout.startswith("bdguard ")
+
+
+def test_demo_prints_one_table_and_writes_results(tmp_path, capsys, monkeypatch):
+    from bdguard.cli import demo
+    from bdguard.pipeline import RunConfig
+
+    original = demo.demo_config
+
+    def tiny(defense):  # the demo's flow on the synthetic set, so the test runs in seconds
+        config = original(defense)
+        return RunConfig.from_dict(
+            {
+                "data": {"dataset": "synthetic"},
+                "attack": {"name": "badnets", "rate": 0.1},
+                "defense": {"name": config.defense.name},
+                "train": {"model": config.train.model, "epochs": 1, "threads": 2},
+            }
+        )
+
+    monkeypatch.setattr(demo, "demo_config", tiny)
+    code, out, _ = run_cli(capsys, "demo", "--out", str(tmp_path), "--quiet")
+    assert code == 0
+    assert "BA" in out and "ASR" in out and "none" in out
+    results = json.loads((tmp_path / "none" / "results.json").read_text())
+    assert results["attack"] == "badnets" and 0 <= results["asr"] <= 1
