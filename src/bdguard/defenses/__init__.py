@@ -1,6 +1,6 @@
 """Defenses, one file each, registered by name in `DEFENSES`."""
 
-from bdguard.defenses import none  # noqa: F401  (registration)
+from bdguard.defenses import none, vab  # noqa: F401  (registration)
 from bdguard.defenses.base import Defense, DefenseConfig, TrainingDefense, TrainingJob
 from bdguard.defenses.registry import DEFENSES
 

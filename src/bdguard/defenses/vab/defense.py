@@ -1,0 +1,320 @@
+"""V&B as a training defense: the Victim/Beneficiary schedule of vab.md 9 on the run's budget, a checkpoint after
+the Victim's warm-up and after every Beneficiary epoch, and the run folder's V&B files.
+
+Run folder: checkpoint.pt (both networks and optimisers, entropy history, split, counters, metrics), metrics.jsonl
+(one row per Beneficiary epoch), detector.jsonl (one row per scoring round), and at the end victim.safetensors,
+suspicious.csv (index, normalised entropy, suspicious yes/no) and entropy_hist.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bdguard.config import to_dict
+from bdguard.defenses.base import DefenseConfig, TrainingDefense, TrainingJob
+from bdguard.defenses.registry import DEFENSES
+from bdguard.defenses.vab.beneficiary import Beneficiary, stage_a_epoch, stage_b_epoch
+from bdguard.defenses.vab.config import PRESETS, VabParams
+from bdguard.defenses.vab.report import detector_metrics, plot_entropy_hist, stage_b_diagnostics, write_suspicious_csv
+from bdguard.defenses.vab.runtime import Runtime
+from bdguard.defenses.vab.schedule import make_schedule, threshold
+from bdguard.defenses.vab.victim import EntropyDetector, entropy_scores, split, victim_epoch
+from bdguard.errors import BdguardError
+from bdguard.io import write_jsonl
+from bdguard.models import save_model
+from bdguard.progress import log
+from bdguard.training.config import TrainConfig
+from bdguard.training.factory import model_meta, new_model
+from bdguard.training.schedule import make_optimizer
+from bdguard.training.trainer import epoch_generator, load_checkpoint, make_augment, save_checkpoint
+
+CHECKPOINT = "checkpoint.pt"  # the name the pipeline checks before refusing to overwrite a run
+DETECTOR_KEYS = ("tpr", "fpr", "precision", "residual", "auroc", "auprc", "suspicious", "credible")
+
+
+@DEFENSES.register("vab")
+class VabDefense(TrainingDefense):
+    name = "vab"
+    description = (
+        "V&B (Zhu et al., ICCV 2023): a Victim learns the backdoor and flags low-entropy samples; the Beneficiary "
+        "trains on the rest with AttentionMix, then semi-supervised with the Victim's beliefs suppressed"
+    )
+    Params = VabParams
+
+    def __init__(self, config: DefenseConfig) -> None:
+        self.config = config
+        self.params = VabParams.from_settings(config.params)
+
+    def train(self, job: TrainingJob) -> tuple[torch.nn.Module, dict[str, Any]]:
+        return _VabRun(job, self.params).run()
+
+
+def victim_train_config(train: TrainConfig, params: VabParams) -> TrainConfig:
+    """How the Victim is built and trained, recorded in its model file (seed + 1: never the Beneficiary's init)."""
+    architecture = params.victim_architecture(train.model)
+    return dataclasses.replace(
+        train,
+        model=architecture,
+        model_kwargs=dict(train.model_kwargs) if architecture == train.model else {},
+        seed=train.seed + 1,
+        optimizer="adam",
+        lr=params.victim_lr,
+        weight_decay=params.victim_weight_decay,
+        batch_size=params.victim_batch_size,
+        schedule="constant",
+        augment=False,
+    )
+
+
+def _indices(mask: torch.Tensor) -> torch.Tensor:
+    return mask.nonzero().flatten()
+
+
+class _VabRun:
+    """One V&B training run: its networks, the detector's state, and the metrics so far."""
+
+    def __init__(self, job: TrainingJob, params: VabParams) -> None:
+        self.job, self.params = job, params
+        self.data = job.poisoned.train
+        self.schedule = make_schedule(job.train.epochs, params)
+        self.runtime = Runtime.create(job.device, job.train.amp, job.train.channels_last, job.quiet)
+        self.victim_config = victim_train_config(job.train, params)
+        net = self.runtime.prepare(job.new_model())
+        self.beneficiary = Beneficiary(
+            net,
+            make_optimizer(net.parameters(), job.train),
+            make_augment(job.train, job.bundle.flip),
+            job.train.batch_size,
+            job.bundle.num_classes,
+            params,
+            self.runtime,
+        )
+        self.victim = self.runtime.prepare(new_model(job.bundle, self.victim_config, job.device))
+        self.victim_optimizer = torch.optim.Adam(
+            self.victim.parameters(), lr=params.victim_lr, weight_decay=params.victim_weight_decay
+        )
+        self.detector = EntropyDetector(params.ema)
+        self.suspicious = torch.zeros(len(self.data), dtype=torch.bool, device=job.device)
+        self.victim_epochs = 0
+        self.epoch = 0  # the last finished Beneficiary epoch
+        self.history: list[dict[str, Any]] = []  # one row per Beneficiary epoch
+        self.rounds: list[dict[str, Any]] = []  # one row per scoring round
+        self.snapshots: dict[int, dict[str, Any]] = {}  # normalised entropy at the key rounds, for the histogram
+        self.seconds = dict.fromkeys(("warm_up", "stage_a", "stage_b", "victim", "evaluation"), 0.0)
+        self.key_rounds = self._key_rounds()
+        self.checkpoint = job.run_dir / CHECKPOINT if job.run_dir is not None else None
+
+    def _key_rounds(self) -> dict[int, str]:
+        first = self.params.warm_up
+        updates = self.schedule.victim_updates
+        rounds = {r: "warm-up" for r in range(1, first)}
+        rounds[first] = "first split"
+        in_a = sum(u <= self.schedule.stage_a for u in updates)
+        if in_a and self.schedule.stage_a < self.schedule.epochs:
+            rounds[first + in_a] = "end of stage A"
+        rounds[first + len(updates)] = "final"
+        return rounds
+
+    def run(self) -> tuple[torch.nn.Module, dict[str, Any]]:
+        name = self.params.preset
+        if name is not None and PRESETS[name].epochs != self.schedule.epochs:
+            log(f"V&B: preset {name} was made for {PRESETS[name].epochs} epochs ({PRESETS[name].note}); rescaling")
+        if self.job.resume and self.checkpoint is not None and self.checkpoint.exists():
+            self._load()
+            log(f"V&B: resuming after epoch {self.epoch} from {self.checkpoint}")
+        else:
+            began = time.perf_counter()
+            self._warm_up()
+            self.seconds["warm_up"] += time.perf_counter() - began
+            self._save()
+        for epoch in range(self.epoch + 1, self.schedule.epochs + 1):
+            self._epoch(epoch)
+            self._save()
+        return self.beneficiary.model, self._finish()
+
+    # -- the Victim --------------------------------------------------------------------------------------------
+
+    def _train_victim(self, index: torch.Tensor, label: str) -> float | None:
+        generator = epoch_generator(self.job.train.seed + 1, self.victim_epochs, self.job.device)
+        loss = victim_epoch(
+            self.victim,
+            self.victim_optimizer,
+            self.data,
+            index,
+            self.params.victim_batch_size,
+            generator,
+            self.runtime,
+            label,
+        )
+        self.victim_epochs += 1
+        return loss
+
+    def _score(self, after_epoch: int) -> None:
+        """A scoring round: re-score every training sample, smooth, normalise, split; report against ground truth."""
+        scores = entropy_scores(self.victim, self.data.images, self.job.train.eval_batch_size, self.runtime)
+        normalised = self.detector.update(scores)
+        number = self.detector.rounds
+        tau = threshold(number, self.params)
+        self.suspicious = split(normalised, tau)
+        row = {"round": number, "after_epoch": after_epoch, "tau": tau}
+        row.update(detector_metrics(normalised, self.suspicious, self.job.poisoned))
+        self.rounds.append(row)
+        if number in self.key_rounds:
+            self.snapshots[number] = {"label": self.key_rounds[number], "tau": tau, "normalised": normalised.cpu()}
+        log(_round_summary(row))
+
+    def _warm_up(self) -> None:
+        """One Victim epoch on all data, warm_up - 1 filtered rounds, and the scoring round of the first split."""
+        self._train_victim(torch.arange(len(self.data), device=self.job.device), "victim warm-up (all data)")
+        for _ in range(self.params.warm_up - 1):
+            self._score(after_epoch=0)
+            self._train_victim(_indices(self.suspicious), f"victim warm-up round {self.detector.rounds}")
+        self._score(after_epoch=0)
+
+    # -- the Beneficiary ---------------------------------------------------------------------------------------
+
+    def _epoch(self, epoch: int) -> None:
+        train, schedule = self.job.train, self.schedule
+        began = time.perf_counter()
+        lr = train.lr * schedule.lr_factor(epoch, train.gamma)
+        for group in self.beneficiary.optimizer.param_groups:
+            group["lr"] = lr
+        stage = schedule.stage(epoch)
+        generator = epoch_generator(train.seed, epoch, self.job.device)
+        credible, suspicious = _indices(~self.suspicious), _indices(self.suspicious)
+        label = f"V&B stage {stage} epoch {epoch}/{schedule.epochs}"
+        row: dict[str, Any] = {"epoch": epoch, "stage": stage, "lr": lr}
+        if stage == "A":
+            row["alpha"] = None
+            row.update(stage_a_epoch(self.beneficiary, self.data, credible, generator, label))
+        else:
+            row["alpha"] = alpha = schedule.alpha(epoch, self.params)
+            result = stage_b_epoch(
+                self.beneficiary, self.victim, self.data, credible, suspicious, alpha, generator, label
+            )
+            row.update(result.metrics)
+            row.update(stage_b_diagnostics(result.suppression_weight, result.pseudo_label, self.job.poisoned))
+        row["train_seconds"] = time.perf_counter() - began
+        self.seconds["stage_a" if stage == "A" else "stage_b"] += row["train_seconds"]
+
+        row["victim_updated"] = epoch in schedule.victim_updates
+        row["victim_loss"] = None
+        if row["victim_updated"]:
+            began_victim = time.perf_counter()
+            row["victim_loss"] = self._train_victim(suspicious, f"victim after epoch {epoch}")
+            self._score(after_epoch=epoch)
+            self.seconds["victim"] += time.perf_counter() - began_victim
+
+        began_eval = time.perf_counter()
+        row.update(self.job.evaluate(self.beneficiary.model))
+        victim = self.job.evaluate(self.victim)
+        row["victim_ba"], row["victim_asr"] = victim["ba"], victim["asr"]
+        self.seconds["evaluation"] += time.perf_counter() - began_eval
+        row["detector"] = dict(self.rounds[-1])
+        row["seconds"] = time.perf_counter() - began
+        self.history.append(row)
+        self.epoch = epoch
+        log(_epoch_summary(row, schedule.epochs))
+
+    # -- checkpoint and results --------------------------------------------------------------------------------
+
+    def _save(self) -> None:
+        if self.checkpoint is None:
+            return
+        state = {
+            "fingerprint": self.job.fingerprint,
+            "epoch": self.epoch,
+            "beneficiary": self.beneficiary.model.state_dict(),
+            "beneficiary_optimizer": self.beneficiary.optimizer.state_dict(),
+            "victim": self.victim.state_dict(),
+            "victim_optimizer": self.victim_optimizer.state_dict(),
+            "detector": self.detector.state_dict(),
+            "suspicious": self.suspicious,
+            "victim_epochs": self.victim_epochs,
+            "history": self.history,
+            "rounds": self.rounds,
+            "snapshots": self.snapshots,
+            "seconds": self.seconds,
+        }
+        save_checkpoint(self.checkpoint, state)
+        write_jsonl(self.checkpoint.parent / "metrics.jsonl", self.history)
+        write_jsonl(self.checkpoint.parent / "detector.jsonl", self.rounds)
+
+    def _load(self) -> None:
+        state = load_checkpoint(self.checkpoint, self.job.device)
+        if state.get("fingerprint") != self.job.fingerprint:
+            raise BdguardError(f"cannot resume: {self.checkpoint} was written with different settings")
+        self.beneficiary.model.load_state_dict(state["beneficiary"])
+        self.beneficiary.optimizer.load_state_dict(state["beneficiary_optimizer"])
+        self.victim.load_state_dict(state["victim"])
+        self.victim_optimizer.load_state_dict(state["victim_optimizer"])
+        self.detector.load_state_dict(state["detector"])
+        self.suspicious = state["suspicious"]
+        self.victim_epochs = int(state["victim_epochs"])
+        self.epoch = int(state["epoch"])
+        self.history = list(state["history"])
+        self.rounds = list(state["rounds"])
+        self.snapshots = dict(state["snapshots"])
+        self.seconds = dict(state["seconds"])
+
+    def _finish(self) -> dict[str, Any]:
+        run_dir = self.job.run_dir
+        if run_dir is not None:
+            self._write_outputs(run_dir)
+        last = self.history[-1]
+        schedule = self.schedule
+        return {
+            "victim": {"ba": last["victim_ba"], "asr": last["victim_asr"]},
+            "detector": {"rounds": len(self.rounds), **{key: self.rounds[-1][key] for key in DETECTOR_KEYS}},
+            "seconds_by_stage": {key: round(value, 2) for key, value in self.seconds.items()},
+            "vab_schedule": {
+                "stage_a_epochs": schedule.stage_a,
+                "victim_updates": list(schedule.victim_updates),
+                "lr_drops": list(schedule.lr_drops),
+                "alpha_switch": schedule.alpha_switch,
+            },
+        }
+
+    def _write_outputs(self, run_dir: Path) -> None:
+        extra = {"role": "V&B Victim: backdoored on purpose, never deploy", "train": to_dict(self.victim_config)}
+        victim = self.victim.to(memory_format=torch.contiguous_format)
+        save_model(victim, run_dir / "victim.safetensors", model_meta(self.job.bundle, self.victim_config, extra))
+        normalised = self.detector.normalised()
+        write_suspicious_csv(run_dir / "suspicious.csv", normalised, self.suspicious)
+        plot_entropy_hist(run_dir / "entropy_hist.png", self.snapshots, self.job.poisoned)
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _round_summary(row: dict[str, Any]) -> str:
+    parts = [
+        f"V&B round {row['round']} (tau {row['tau']:g})",
+        f"|S| {row['suspicious']}",
+        f"|C| {row['credible']}",
+        f"TPR {_fmt(row['tpr'])}",
+        f"FPR {_fmt(row['fpr'])}",
+        f"precision {_fmt(row['precision'])}",
+        f"residual {_fmt(row['residual'])}",
+        f"AUROC {_fmt(row['auroc'])}",
+    ]
+    if row["cross_in_suspicious"] is not None:
+        parts.append(f"cross in S {_fmt(row['cross_in_suspicious'])}")
+    return "  ".join(parts)
+
+
+def _epoch_summary(row: dict[str, Any], epochs: int) -> str:
+    parts = [f"epoch {row['epoch']}/{epochs} [{row['stage']}]", f"loss {_fmt(row['loss'], 4)}"]
+    for key in ("ba", "asr", "ra"):
+        if row.get(key) is not None:
+            parts.append(f"{key.upper()} {row[key]:.3f}")
+    parts.append(f"victim BA {_fmt(row['victim_ba'])} ASR {_fmt(row['victim_asr'])}")
+    parts.append(f"|S| {row['detector']['suspicious']}")
+    parts.append(f"{row['seconds']:.1f}s")
+    return "  ".join(parts)

@@ -1,0 +1,28 @@
+"""Stage B's targets (vab.md 8): hard pseudo-labels from two views, and suppression by the Victim's beliefs."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def pseudo_targets(probs_a: torch.Tensor, probs_b: torch.Tensor) -> torch.Tensor:
+    """One-hot argmax of the mean of two views' class probabilities; exact ties share the mass equally."""
+    mean = (probs_a + probs_b) / 2
+    hits = (mean == mean.amax(dim=1, keepdim=True)).to(mean.dtype)
+    return hits / hits.sum(dim=1, keepdim=True)
+
+
+def victim_beliefs(victim_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    return F.softmax(victim_logits.float() / temperature, dim=1)
+
+
+def suppress(targets: torch.Tensor, beliefs: torch.Tensor) -> torch.Tensor:
+    """clip(targets - beliefs, 0, 1): what the Victim (the backdoor expert) already predicts is taken out.
+    Not renormalised on purpose: a sample the Victim is sure of weighs (almost) nothing."""
+    return (targets - beliefs).clamp(0.0, 1.0)
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of -sum_k targets_k log softmax(logits)_k; targets need not sum to 1."""
+    return -(targets * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()

@@ -1,0 +1,291 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bdguard.attacks.base import PoisonedSet
+from bdguard.data.augment import Augment
+from bdguard.data.base import ImageSet
+from bdguard.defenses import DEFENSES, DefenseConfig, build_defense
+from bdguard.defenses.vab import PRESETS, VabParams, make_schedule, threshold
+from bdguard.defenses.vab.attention_mix import attention_map, attention_mix
+from bdguard.defenses.vab.beneficiary import Beneficiary, stage_a_epoch, stage_b_epoch
+from bdguard.defenses.vab.report import detector_metrics
+from bdguard.defenses.vab.runtime import Runtime
+from bdguard.defenses.vab.suppression import pseudo_targets, soft_cross_entropy, suppress, victim_beliefs
+from bdguard.defenses.vab.victim import EntropyDetector, entropy_scores, split, victim_epoch
+from bdguard.errors import BdguardError
+from bdguard.models import build_model
+
+CPU = Runtime.create(torch.device("cpu"), amp=False, channels_last=False, quiet=True)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: a second CPU thread only adds synchronisation, and stalls on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _generator(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# -- AttentionMix ---------------------------------------------------------------------------------------------------
+
+
+def test_attention_map_is_min_max_normalised_per_sample_and_upsampled():
+    features = torch.rand(3, 8, 2, 2, generator=_generator())
+    nearest = attention_map(features, (4, 4), "nearest")
+    assert nearest.shape == (3, 1, 4, 4)
+    assert torch.allclose(nearest.amin(dim=(1, 2, 3)), torch.zeros(3))
+    assert torch.allclose(nearest.amax(dim=(1, 2, 3)), torch.ones(3))
+    # nearest: each feature cell becomes a constant 2x2 block, ordered like the channel sums of squares
+    assert torch.equal(nearest[:, :, ::2, ::2], nearest[:, :, 1::2, 1::2])
+    raw = features.pow(2).sum(1)
+    assert torch.equal(nearest[:, 0, ::2, ::2].flatten(1).argmin(1), raw.flatten(1).argmin(1))
+    bilinear = attention_map(features, (4, 4), "bilinear")
+    assert torch.allclose(bilinear.amin(dim=(1, 2, 3)), torch.zeros(3))
+    assert not torch.equal(bilinear, nearest)
+
+
+def test_attention_mix_invariants():
+    n, k = 8, 5
+    g = _generator(1)
+    images = torch.rand(n, 3, 8, 8, generator=g)
+    attention = attention_map(torch.rand(n, 16, 2, 2, generator=g), (8, 8))
+    targets = F.softmax(torch.randn(n, k, generator=g), dim=1)
+    partner = torch.randperm(n, generator=g)
+    mixed, mixed_targets, region = attention_mix(images, attention, targets, 0.1, partner)
+
+    outside = (attention < 0.1).expand_as(images)
+    assert outside.any()
+    assert torch.equal(mixed[outside], images[outside])  # untouched, bit for bit
+    weakest = attention.flatten(1).argmin(1)  # the min-attention cell is 0 after normalisation: never mixed
+    flat = mixed.flatten(2)[torch.arange(n), :, weakest]
+    assert torch.equal(flat, images.flatten(2)[torch.arange(n), :, weakest])
+    assert torch.allclose(mixed_targets.sum(1), torch.ones(n))  # label weights sum to 1
+    assert (mixed_targets >= 0).all()
+    assert 0.0 < float(region) < 1.0
+    # inside the region a pixel lies between the image and its partner's
+    inside = ~outside
+    low = torch.minimum(images, images[partner])[inside]
+    high = torch.maximum(images, images[partner])[inside]
+    assert ((mixed[inside] >= low - 1e-6) & (mixed[inside] <= high + 1e-6)).all()
+
+
+def test_attention_mix_matches_hand_computed_values():
+    # two 1-channel 2x2 images, swapped as partners, threshold 0.1
+    attention = torch.tensor([[1.0, 0.0], [0.05, 0.45], [0.5, 0.0], [0.5, 1.0]]).view(2, 1, 2, 2)
+    images = torch.tensor([0.9, 0.3]).view(2, 1, 1, 1).expand(2, 1, 2, 2).clone()
+    targets = torch.eye(2)
+    mixed, mixed_targets, region = attention_mix(images, attention, targets, 0.1, torch.tensor([1, 0]))
+    # image 0: M = cells (0,0), (1,1); W = 1.45 / 1.5 = 29/30; V = (0.5 + 1) / 2 = 3/4
+    w0, v0 = 29 / 30, 3 / 4
+    rho0, sigma0 = w0 / (w0 + v0), v0 / (w0 + v0)
+    # image 1: M = cells (0,0), (1,0), (1,1); W = 1; V = (1 + 0.05 + 0.45) / 1.5 = 1
+    rho1 = sigma1 = 0.5
+    a, b = rho0 * 0.9 + sigma0 * 0.3, rho1 * 0.3 + sigma1 * 0.9
+    expected = torch.tensor([[a, 0.9], [0.9, a], [b, 0.3], [b, b]]).view(2, 1, 2, 2)
+    assert torch.allclose(mixed, expected, atol=1e-6)
+    taken0, taken1 = w0 * sigma0, 1.0 * sigma1  # lambda3 = W - W rho = W sigma
+    expected_targets = torch.tensor([[1 - taken0, taken0], [taken1, 1 - taken1]])
+    assert torch.allclose(mixed_targets, expected_targets, atol=1e-6)
+    assert float(region) == pytest.approx(5 / 8)
+
+
+# -- stage B targets ------------------------------------------------------------------------------------------------
+
+
+def test_suppression_of_labelled_targets():
+    k = 10
+    labels = torch.tensor([3, 7])
+    onehot = F.one_hot(labels, k).float()
+    assert torch.equal(suppress(onehot, onehot), torch.zeros(2, k))  # the Victim already says the label: nothing left
+    uniform = torch.full((2, k), 1 / k)
+    assert torch.allclose(suppress(onehot, uniform), (1 - 1 / k) * onehot)
+    # a very high temperature flattens any Victim to uniform
+    beliefs = victim_beliefs(torch.randn(2, k, generator=_generator()) * 5, temperature=1e6)
+    assert torch.allclose(suppress(onehot, beliefs), (1 - 1 / k) * onehot, atol=1e-5)
+    # targets are not renormalised: the loss weighs the sample by 1 - q_label
+    logits = torch.randn(2, k, generator=_generator(1))
+    half = suppress(onehot, 0.5 * onehot)
+    assert soft_cross_entropy(logits, half) == pytest.approx(0.5 * float(F.cross_entropy(logits, labels)), rel=1e-5)
+
+
+def test_pseudo_targets_are_the_argmax_of_two_views_and_split_ties():
+    a = torch.tensor([[0.7, 0.2, 0.1], [0.5, 0.5, 0.0]])
+    b = torch.tensor([[0.1, 0.8, 0.1], [0.5, 0.5, 0.0]])
+    assert torch.equal(pseudo_targets(a, b), torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.5, 0.0]]))
+
+
+# -- schedules ------------------------------------------------------------------------------------------------------
+
+
+def test_the_paper_schedule_at_200_epochs():
+    params = VabParams()
+    schedule = make_schedule(200, params)
+    assert schedule.stage_a == 100
+    assert schedule.victim_updates == tuple(range(5, 101, 5)) + tuple(range(101, 201))
+    assert schedule.lr_drops == (51, 101, 151)
+    assert [schedule.lr_factor(e, 0.1) for e in (1, 50, 51, 100, 101, 151, 200)] == pytest.approx(
+        [1, 1, 0.1, 0.1, 0.01, 0.001, 0.001]
+    )
+    assert schedule.alpha_switch == 151
+    assert [schedule.alpha(e, params) for e in (101, 150, 151, 200)] == [0.1, 0.1, 0.5, 0.5]
+    assert [schedule.stage(e) for e in (1, 100, 101, 200)] == ["A", "A", "B", "B"]
+    # 1 full-data Victim epoch + 2 warm-up rounds + 120 updates: 123 scoring rounds, as in the reference code
+    assert params.warm_up + len(schedule.victim_updates) == 123
+
+
+def test_rescaled_schedules():
+    params = VabParams()
+    s30 = make_schedule(30, params)
+    assert (s30.stage_a, s30.lr_drops, s30.alpha_switch) == (15, (9, 16, 24), 24)
+    assert s30.victim_updates == tuple(range(1, 31))  # 20 stage-A updates cannot be sparser than every epoch
+    s60 = make_schedule(60, params)
+    in_a = [u for u in s60.victim_updates if u <= 30]
+    assert len(in_a) == 20 and in_a[:4] == [2, 3, 5, 6] and in_a[-1] == 30
+    assert s60.victim_updates[20:] == tuple(range(31, 61))
+    assert (s60.lr_drops, s60.alpha_switch) == ((16, 31, 46), 46)
+    s400 = make_schedule(400, params)
+    assert s400.victim_updates == tuple(range(10, 201, 10)) + tuple(range(202, 401, 2))
+    assert (s400.lr_drops, s400.alpha_switch) == ((101, 201, 301), 301)
+    tiny = make_schedule(1, params)
+    assert (tiny.stage_a, tiny.victim_updates) == (1, (1,))
+
+
+def test_thresholds_per_scoring_round():
+    assert [threshold(r, VabParams()) for r in range(1, 6)] == [0.6, 0.2, 0.2, 0.2, 0.2]
+    longer = VabParams(warm_up=5, tau_warm=(0.7, 0.4), tau=0.1)
+    assert [threshold(r, longer) for r in range(1, 7)] == [0.7, 0.4, 0.4, 0.4, 0.1, 0.1]
+    assert threshold(1, VabParams(warm_up=1)) == 0.2
+
+
+# -- the Victim's detector ------------------------------------------------------------------------------------------
+
+
+class _Planted(torch.nn.Module):
+    """Peaked logits for images whose first pixel is bright (the planted samples), near-flat ones otherwise."""
+
+    def forward(self, x):
+        logits = torch.zeros(x.shape[0], 10)
+        logits[:, 0] = 20 * x[:, 0, 0, 0]
+        logits[:, 1] = 2 * x[:, 0, 1, 1]  # some spread among the others
+        return logits
+
+
+def _planted_set(n: int = 40) -> tuple[ImageSet, torch.Tensor]:
+    images = torch.randint(0, 256, (n, 3, 4, 4), generator=_generator(), dtype=torch.uint8)
+    planted = torch.zeros(n, dtype=torch.bool)
+    planted[::7] = True
+    images[:, 0, 0, 0] = torch.where(planted, 255, 0).to(torch.uint8)
+    return ImageSet(images, torch.zeros(n, dtype=torch.long)), planted
+
+
+def _poisoned(data: ImageSet, mask: torch.Tensor) -> PoisonedSet:
+    return PoisonedSet(data, mask, torch.zeros_like(mask), data.labels, {})
+
+
+def test_the_split_catches_planted_low_entropy_samples():
+    data, planted = _planted_set()
+    scores = entropy_scores(_Planted(), data.images, 16, CPU)  # batches of 16: 40 is not a multiple
+    assert scores.shape == (40,) and torch.isfinite(scores).all()
+    detector = EntropyDetector(ema=0.75)
+    normalised = detector.update(scores)
+    assert float(normalised.min()) == 0.0 and float(normalised.max()) == 1.0
+    suspicious = split(normalised, 0.2)
+    assert torch.equal(suspicious, planted)
+    report = detector_metrics(normalised, suspicious, _poisoned(data, planted))
+    assert report["tpr"] == 1.0 and report["fpr"] == 0.0 and report["precision"] == 1.0
+    assert report["residual"] == 0.0 and report["auroc"] == 1.0
+    assert (report["suspicious"], report["credible"]) == (6, 34)
+    # the sign is checked: calling the confident samples clean gives AUROC 0
+    assert detector_metrics(normalised, suspicious, _poisoned(data, ~planted))["auroc"] == 0.0
+
+
+def test_entropy_history_is_an_ema_of_raw_scores():
+    detector = EntropyDetector(ema=0.75)
+    first, second = torch.tensor([1.0, 2.0, 4.0]), torch.tensor([3.0, 2.0, 0.0])
+    detector.update(first)
+    normalised = detector.update(second)
+    history = 0.75 * second + 0.25 * first
+    assert torch.allclose(detector.history, history)
+    assert torch.allclose(normalised, (history - history.min()) / (history.max() - history.min()))
+    assert detector.rounds == 2
+    flat = EntropyDetector(ema=0.75)
+    assert not split(flat.update(torch.ones(5)), 0.2).any()  # equal scores carry no signal: nothing flagged
+
+
+def test_entropy_of_a_certain_prediction_is_zero_not_nan():
+    class Certain(torch.nn.Module):
+        def forward(self, x):
+            logits = torch.full((x.shape[0], 10), float("-inf"))
+            logits[:, 0] = 0.0
+            return logits
+
+    scores = entropy_scores(Certain(), torch.zeros(3, 1, 2, 2, dtype=torch.uint8), 8, CPU)
+    assert torch.equal(scores, torch.zeros(3))
+
+
+# -- guards: empty sets and tiny suspicious sets --------------------------------------------------------------------
+
+
+def _beneficiary(n: int = 24) -> tuple[Beneficiary, torch.nn.Module, ImageSet]:
+    torch.manual_seed(0)
+    net = build_model("small-cnn", 10, 3, (0.5,) * 3, (0.25,) * 3)
+    victim = build_model("small-cnn", 10, 3, (0.5,) * 3, (0.25,) * 3)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    ben = Beneficiary(net, optimizer, Augment(1, True), 8, 10, VabParams(), CPU)
+    images = torch.randint(0, 256, (n, 3, 8, 8), generator=_generator(), dtype=torch.uint8)
+    return ben, victim, ImageSet(images, torch.arange(n) % 10)
+
+
+def test_empty_and_tiny_sets_are_guarded():
+    ben, victim, data = _beneficiary()
+    everything, nothing = torch.arange(len(data)), torch.zeros(0, dtype=torch.long)
+    before = [p.clone() for p in victim.parameters()]
+    adam = torch.optim.Adam(victim.parameters())
+    assert victim_epoch(victim, adam, data, nothing, 8, _generator(), CPU, "") is None
+    assert all(torch.equal(a, b) for a, b in zip(before, victim.parameters(), strict=True))
+    assert stage_a_epoch(ben, data, nothing, _generator(), "") == {"loss": None, "mixed_region": None}
+
+    # |S| = 1 < floor(|C| / B) + 1 iterations: B_u = max(1, 0) = 1 and S is cycled
+    result = stage_b_epoch(ben, victim, data, everything[1:], everything[:1], 0.5, _generator(), "")
+    assert result.metrics["loss_u"] is not None and math.isfinite(result.metrics["loss"])
+    assert int(result.pseudo_label[0]) >= 0 and (result.pseudo_label[1:] == -1).all()
+    assert torch.isnan(result.suppression_weight[0]) and not torch.isnan(result.suppression_weight[1:]).any()
+    # empty S: no unlabelled loss; empty C: only the unlabelled loss
+    no_s = stage_b_epoch(ben, victim, data, everything, nothing, 0.5, _generator(), "")
+    assert no_s.metrics["loss_u"] is None and math.isfinite(no_s.metrics["loss_mix"])
+    no_c = stage_b_epoch(ben, victim, data, nothing, everything, 0.5, _generator(), "")
+    assert no_c.metrics["loss_mix"] is None and no_c.metrics["mixed_region"] is None
+    assert math.isfinite(no_c.metrics["loss_u"])
+
+
+# -- configuration --------------------------------------------------------------------------------------------------
+
+
+def test_params_presets_and_validation():
+    assert "vab" in DEFENSES
+    defense = build_defense(DefenseConfig(name="vab", params={"preset": "cpu", "tau_warm": "0.5,0.1"}))
+    assert defense.params.victim_model == "same" and defense.params.tau_warm == (0.5, 0.1)
+    assert defense.params.victim_architecture("small-cnn") == "small-cnn"
+    explicit = VabParams.from_settings({"preset": "cpu", "victim_model": "resnet20"})
+    assert explicit.victim_architecture("small-cnn") == "resnet20"
+    assert VabParams().victim_architecture("small-cnn") == "resnet18"
+    assert {"paper", "cpu", "smoke"} <= set(PRESETS) and PRESETS["paper"].epochs == 200
+    for bad, match in (
+        ({"preset": "fast"}, "vab.preset"),
+        ({"ema": "0"}, "vab.ema"),
+        ({"tau": "1.5"}, "vab.tau"),
+        ({"victim_model": "resnet99"}, "unknown model"),
+        ({"temperature": "0"}, "vab.temperature"),
+        ({"upsample": "bicubic"}, "vab.upsample"),
+        ({"tau_warm": ""}, "vab.tau_warm"),
+    ):
+        with pytest.raises(BdguardError, match=match):
+            VabParams.from_settings(bad)
