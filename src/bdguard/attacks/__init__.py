@@ -1,6 +1,6 @@
 """Poisoning attacks, one file each, registered by name in `ATTACKS`."""
 
-from bdguard.attacks import badnets, blended, lc, none, sig, trojan, wanet  # noqa: F401  (registration)
+from bdguard.attacks import badnets, blended, iad, lc, none, sig, trojan, wanet  # noqa: F401  (registration)
 from bdguard.attacks.base import Attack, AttackConfig, AttackContext, PoisonedSet, TriggeredSet
 from bdguard.attacks.registry import ATTACKS
 

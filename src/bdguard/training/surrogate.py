@@ -6,11 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from bdguard.attacks.base import AttackContext
 from bdguard.config import check_range, to_dict
 from bdguard.data.base import DataBundle
 from bdguard.errors import BdguardError
@@ -20,6 +19,9 @@ from bdguard.training.config import TrainConfig
 from bdguard.training.factory import model_meta, new_model
 from bdguard.training.metrics import accuracy, predict
 from bdguard.training.trainer import Trainer, fit, make_augment, steps_per_epoch
+
+if TYPE_CHECKING:  # the attacks import this module: a runtime import of them would be circular
+    from bdguard.attacks.base import AttackContext
 
 
 def _key(bundle: DataBundle, config: TrainConfig) -> str:
