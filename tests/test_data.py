@@ -88,7 +88,7 @@ def test_synthetic_shapes_dtypes_labels_and_determinism(tmp_path):
     assert (nearest == bundle.test.labels).float().mean() > 0.9
 
 
-def test_synthetic_is_learnable_by_a_small_cnn():
+def test_synthetic_is_learnable_by_a_small_cnn(one_thread):
     bundle = load_dataset(DataConfig("synthetic"))
     mean, std = torch.tensor(bundle.mean).view(1, 3, 1, 1), torch.tensor(bundle.std).view(1, 3, 1, 1)
     x_train = (bundle.train.images.float() / 255 - mean) / std
@@ -105,19 +105,14 @@ def test_synthetic_is_learnable_by_a_small_cnn():
         torch.nn.Linear(64, 10),
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a net this small only loses to thread start-up, badly so on a busy machine
-    try:
-        for _ in range(2):
-            for index in torch.randperm(len(x_train)).split(128):
-                loss = torch.nn.functional.cross_entropy(model(x_train[index]), bundle.train.labels[index])
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-        with torch.no_grad():
-            accuracy = (model(x_test).argmax(1) == bundle.test.labels).float().mean().item()
-    finally:
-        torch.set_num_threads(threads)
+    for _ in range(2):
+        for index in torch.randperm(len(x_train)).split(128):
+            loss = torch.nn.functional.cross_entropy(model(x_train[index]), bundle.train.labels[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        accuracy = (model(x_test).argmax(1) == bundle.test.labels).float().mean().item()
     assert accuracy > 0.9
 
 

@@ -28,15 +28,6 @@ FAST = {
 TINY = {"classifier": "small-cnn", "epochs": 1, "mask_epochs": 1, "width": 4, "depth": 2, "batch_size": 32}
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    # measured on the shared 2-core test machine: two intra-op threads ran these small nets 4-10x slower than one
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _subset(bundle: DataBundle, n_train: int, n_test: int) -> DataBundle:
     return dataclasses.replace(
         bundle, train=bundle.train.subset(torch.arange(n_train)), test=bundle.test.subset(torch.arange(n_test))

@@ -16,14 +16,7 @@ from bdguard.training.surrogate import train_surrogate
 SURROGATE = {"surrogate_model": "small-cnn", "surrogate_epochs": 1}
 EPS = 16  # lc's default eps in pixel levels
 TROJAN = {**SURROGATE, "steps": 50, "images": 32}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # nets this small only lose to thread start-up, badly so on a busy machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,16 +18,9 @@ from bdguard.defenses.vab.victim import EntropyDetector, entropy_scores, split, 
 from bdguard.errors import BdguardError
 from bdguard.models import build_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CPU = Runtime.create(torch.device("cpu"), amp=False, channels_last=False, quiet=True)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second CPU thread only adds synchronisation, and stalls on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _generator(seed: int = 0) -> torch.Generator:

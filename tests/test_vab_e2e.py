@@ -17,19 +17,12 @@ from bdguard.pipeline import RunConfig, run_train
 from bdguard.training import TrainConfig, evaluate
 from bdguard.training.factory import new_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # a 4x4 checkerboard on 16x16 images: learned within one epoch when nothing defends
 ATTACK = {"name": "badnets", "rate": 0.1, "params": {"patch_size": 4}}
 TRAIN = {"model": "small-cnn", "batch_size": 64, "threads": 1}
 VAB = {"preset": "smoke"}  # small-cnn Victim, 31 Victim steps per epoch on the 2000 synthetic images
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second CPU thread only adds synchronisation, and stalls on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _run(tmp_path, name: str, epochs: int, defense: dict) -> dict:
