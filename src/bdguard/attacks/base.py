@@ -128,6 +128,14 @@ class Attack(ABC):
         mask[chosen] = True
         return mask.to(labels.device)
 
+    def check_cross_ratio(self, cross_ratio: float) -> None:
+        """Attacks with cross samples use rate x (1 + cross_ratio) of the set, which must fit in it."""
+        if self.config.rate * (1 + cross_ratio) > 1 + 1e-9:  # slack for float rounding when the two fill the set
+            raise BdguardError(
+                f"{self.name} poisons rate x (1 + cross_ratio) of the set, which must be <= 1; "
+                f"got rate {self.config.rate} and {self.name}.cross_ratio {cross_ratio}"
+            )
+
     def _check_shape(self, data: ImageSet) -> None:
         if data.image_shape != tuple(self.image_shape):
             raise BdguardError(

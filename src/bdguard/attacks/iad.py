@@ -319,11 +319,7 @@ class IAD(Attack):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         p = self.params
-        if self.config.rate * (1 + p.cross_ratio) > 1 + 1e-9:  # slack for float rounding when the two fill the set
-            raise BdguardError(
-                f"iad poisons rate x (1 + cross_ratio) of the set, which must be <= 1; "
-                f"got rate {self.config.rate} and iad.cross_ratio {p.cross_ratio}"
-            )
+        self.check_cross_ratio(p.cross_ratio)
         if p.classifier not in MODELS:
             raise BdguardError(
                 f"iad.classifier must be a registered model ({', '.join(MODELS.names())}), got {p.classifier!r}"

@@ -117,11 +117,7 @@ class WaNet(Attack):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         p = self.params
-        if self.config.rate * (1 + p.cross_ratio) > 1 + 1e-9:  # slack for float rounding when the two fill the set
-            raise BdguardError(
-                f"wanet poisons rate x (1 + cross_ratio) of the set, which must be <= 1; "
-                f"got rate {self.config.rate} and wanet.cross_ratio {p.cross_ratio}"
-            )
+        self.check_cross_ratio(p.cross_ratio)
         _, h, w = self.image_shape
         if p.grid_path is not None:
             self.grid = load_grid(p.grid_path, h, w)
