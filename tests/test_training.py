@@ -104,3 +104,14 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
     run_train(_config(epochs=1), tmp_path / "run", quiet=True)
     with pytest.raises(BdguardError, match="different settings"):
         run_train(_config(epochs=1, lr=0.01), tmp_path / "run", resume=True, quiet=True)
+
+
+def test_resume_refuses_a_damaged_or_foreign_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    run_train(_config(epochs=1), run, quiet=True)
+    (run / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(BdguardError, match="not a readable bdguard checkpoint"):
+        run_train(_config(epochs=1), run, resume=True, quiet=True)
+    torch.save(torch.zeros(3), run / "checkpoint.pt")
+    with pytest.raises(BdguardError, match="another program"):
+        run_train(_config(epochs=1), run, resume=True, quiet=True)

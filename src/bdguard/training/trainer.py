@@ -70,14 +70,17 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     write_with(path, lambda handle: torch.save(state, handle))
 
 
-def load_checkpoint(path: Path, device: torch.device) -> dict[str, Any]:
-    """Our own checkpoint, read without unpickling arbitrary objects."""
+def load_checkpoint(path: Path, device: torch.device, fingerprint: str) -> dict[str, Any]:
+    """Our own checkpoint, read without unpickling arbitrary objects, refused unless made with the same settings."""
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        state = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # any failure here means a damaged or foreign file
         raise BdguardError(
             f"cannot resume: {path} is not a readable bdguard checkpoint ({type(exc).__name__})"
         ) from None
+    if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
+        raise BdguardError(f"cannot resume: {path} was written with different settings or by another program")
+    return state
 
 
 @dataclass
@@ -164,9 +167,7 @@ def fit(
     start = 1
     checkpoint = run_dir / "checkpoint.pt" if run_dir is not None else None
     if resume and checkpoint is not None and checkpoint.exists():
-        state = load_checkpoint(checkpoint, trainer.device)
-        if state.get("fingerprint") != fingerprint:
-            raise BdguardError(f"cannot resume: {checkpoint} was written with different settings")
+        state = load_checkpoint(checkpoint, trainer.device, fingerprint)
         trainer.load_state_dict(state["trainer"])
         history = list(state["history"])
         start = int(state["epoch"]) + 1

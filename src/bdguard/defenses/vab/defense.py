@@ -24,7 +24,6 @@ from bdguard.defenses.vab.report import detector_metrics, plot_entropy_hist, sta
 from bdguard.defenses.vab.runtime import Runtime
 from bdguard.defenses.vab.schedule import make_schedule, threshold
 from bdguard.defenses.vab.victim import EntropyDetector, entropy_scores, split, victim_epoch
-from bdguard.errors import BdguardError
 from bdguard.io import write_jsonl
 from bdguard.models import save_model
 from bdguard.progress import log
@@ -246,9 +245,7 @@ class _VabRun:
         write_jsonl(self.checkpoint.parent / "detector.jsonl", self.rounds)
 
     def _load(self) -> None:
-        state = load_checkpoint(self.checkpoint, self.job.device)
-        if state.get("fingerprint") != self.job.fingerprint:
-            raise BdguardError(f"cannot resume: {self.checkpoint} was written with different settings")
+        state = load_checkpoint(self.checkpoint, self.job.device, self.job.fingerprint)
         self.beneficiary.model.load_state_dict(state["beneficiary"])
         self.beneficiary.optimizer.load_state_dict(state["beneficiary_optimizer"])
         self.victim.load_state_dict(state["victim"])
