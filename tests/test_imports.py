@@ -5,7 +5,18 @@ import pytest
 
 
 @pytest.mark.parametrize(
-    "module", ["bdguard.training.surrogate", "bdguard.training", "bdguard.attacks.iad", "bdguard.defenses.vab"]
+    "module",
+    [
+        "bdguard.training.surrogate",
+        "bdguard.training",
+        "bdguard.attacks.iad",
+        "bdguard.defenses.vab",
+        "bdguard.defenses.pruning",
+        "bdguard.defenses.neural_cleanse",
+        "bdguard.analysis.analyze",
+        "bdguard.analysis.gradcam",
+        "bdguard.repair",
+    ],
 )
 def test_each_package_imports_first_without_a_cycle(module):
     # a fresh interpreter: an import cycle only shows when the module is the first one loaded

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable
@@ -37,6 +38,17 @@ def write_with(path: str | Path, writer: Callable[[BinaryIO], None]) -> None:
 
 def write_text(path: str | Path, text: str) -> None:
     write_with(path, lambda handle: handle.write(text.encode()))
+
+
+def json_safe(value: Any) -> Any:
+    """NaN and infinities become null, which strict JSON readers accept."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    return value
 
 
 def write_json(path: str | Path, data: Any) -> None:

@@ -22,7 +22,7 @@ from bdguard.data import DataBundle, DataConfig, load_dataset
 from bdguard.defenses import DefenseConfig, TrainingDefense, TrainingJob, build_defense
 from bdguard.errors import BdguardError
 from bdguard.io import write_json, write_with
-from bdguard.models import MODELS, load_model, save_model
+from bdguard.models import MODELS, ModelMeta, load_model, save_model
 from bdguard.progress import log
 from bdguard.training import TrainConfig, evaluate, resolve_device
 from bdguard.training.factory import model_meta, new_model
@@ -217,6 +217,20 @@ def run_poison(config: RunConfig, out: str | Path, quiet: bool = False, rows: in
     return manifest
 
 
+def recorded_attack(meta: ModelMeta) -> AttackConfig:
+    """The attack a model file says it was trained under (no attack when it says nothing)."""
+    recorded = meta.extra.get("attack")
+    return from_dict(AttackConfig, recorded) if recorded else AttackConfig()
+
+
+def check_model_data(meta: ModelMeta, bundle: DataBundle, model_path: str | Path) -> None:
+    if list(bundle.image_shape) != list(meta.input_shape) or bundle.num_classes != meta.num_classes:
+        raise BdguardError(
+            f"model {model_path} expects {meta.num_classes} classes of {tuple(meta.input_shape)} images, "
+            f"but {bundle.name} has {bundle.num_classes} classes of {bundle.image_shape} images"
+        )
+
+
 def run_evaluate(
     model_path: str | Path,
     data: DataConfig,
@@ -228,16 +242,10 @@ def run_evaluate(
     """BA/ASR/RA of a saved model; the attack defaults to the one recorded in the model file."""
     torch_device = resolve_device(device)
     model, meta = load_model(model_path, torch_device)
-    if attack is None:
-        recorded = meta.extra.get("attack")
-        attack = from_dict(AttackConfig, recorded) if recorded else AttackConfig()
+    attack = attack or recorded_attack(meta)
     began = time.perf_counter()
     bundle = prepare_data(data, torch_device)
-    if list(bundle.image_shape) != list(meta.input_shape) or bundle.num_classes != meta.num_classes:
-        raise BdguardError(
-            f"model {model_path} expects {meta.num_classes} classes of {tuple(meta.input_shape)} images, "
-            f"but {bundle.name} has {bundle.num_classes} classes of {bundle.image_shape} images"
-        )
+    check_model_data(meta, bundle, model_path)
     attack_obj = build_attack(attack, bundle.num_classes, bundle.image_shape)
     attack_obj.prepare(bundle, AttackContext(torch_device, data.cache_path()))
     triggered: TriggeredSet | None = attack_obj.test_set(bundle.test) if attack_obj.has_trigger else None

@@ -8,9 +8,11 @@ from pathlib import Path
 
 from bdguard import __version__
 from bdguard.cli import listing
+from bdguard.cli.analyze import add_analyze_parser
 from bdguard.cli.demo import run_demo
 from bdguard.cli.options import ATTACK_FLAGS, DATA_FLAGS, TRAIN_FLAGS, add_config_flags, add_flags, run_config
 from bdguard.cli.poison import add_poison_parser
+from bdguard.cli.prune import add_prune_parser
 from bdguard.errors import BdguardError
 
 
@@ -52,7 +54,9 @@ def build_parser() -> Parser:
     parser.add_argument("--version", action="version", version=f"bdguard {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
 
+    add_analyze_parser(sub)
     add_poison_parser(sub)
+    add_prune_parser(sub)
 
     train = sub.add_parser("train", help="train a model on a (poisoned) data set, with or without a defense")
     add_flags(train, DATA_FLAGS + ATTACK_FLAGS + TRAIN_FLAGS)

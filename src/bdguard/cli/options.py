@@ -8,7 +8,7 @@ from typing import Any
 from bdguard.config import load_file, parse_assignments, set_dotted, to_dict
 from bdguard.pipeline import RunConfig
 
-SECTIONS = ("data", "attack", "defense", "train")
+SECTIONS = ("data", "attack", "defense", "probe", "train")  # probe: `prune` and `analyze` only
 
 # (flag, dotted key in RunConfig, extra argparse settings)
 DATA_FLAGS = [
@@ -24,6 +24,10 @@ ATTACK_FLAGS = [
     ("--rate", "attack.rate", {"help": "poisoning rate (the attack's manifest says of what)"}),
     ("--attack-seed", "attack.seed", {"help": "seed of the poisoned-sample choice and generated triggers"}),
 ]
+DEVICE_FLAGS = [
+    ("--device", "train.device", {"help": "auto, cpu, cuda, cuda:N or mps"}),
+    ("--threads", "train.threads", {"help": "CPU threads for torch (0: torch's default)"}),
+]
 TRAIN_FLAGS = [
     ("--defense", "defense.name", {"help": "defense name (see `bdguard defenses`)"}),
     ("--model", "train.model", {"help": "architecture (see `bdguard models`)"}),
@@ -35,23 +39,26 @@ TRAIN_FLAGS = [
     ("--label-smoothing", "train.label_smoothing", {}),
     ("--no-augment", "train.augment", {"action": "store_const", "const": False, "help": "train without crop/flip"}),
     ("--seed", "train.seed", {"help": "training seed"}),
-    ("--device", "train.device", {"help": "auto, cpu, cuda, cuda:N or mps"}),
-    ("--threads", "train.threads", {"help": "CPU threads for torch (0: torch's default)"}),
+    *DEVICE_FLAGS,
 ]
 
 
-def _default(dotted: str) -> Any:
-    node: Any = to_dict(RunConfig())
+def _default(dotted: str, config_cls: type = RunConfig) -> Any:
+    """The default of a dotted key in `config_cls`; None where a section defaults to None or does not exist (an
+    `analyze` config has no defense)."""
+    node: Any = to_dict(config_cls())
     for part in dotted.split("."):
-        node = node[part]
+        node = node.get(part) if isinstance(node, dict) else None
     return node
 
 
-def add_flags(parser: argparse.ArgumentParser, flags: list[tuple[str, str, dict]]) -> None:
+def add_flags(
+    parser: argparse.ArgumentParser, flags: list[tuple[str, str, dict]], config_cls: type = RunConfig
+) -> None:
     for flag, dotted, extra in flags:
         extra = dict(extra)
         text = extra.pop("help", "")
-        default = _default(dotted)
+        default = _default(dotted, config_cls)
         if "action" not in extra:
             text = f"{text} (default: {default})" if text else f"default: {default}"
             extra["metavar"] = flag.lstrip("-").replace("-", "_").upper()
@@ -63,8 +70,8 @@ def add_config_flags(parser: argparse.ArgumentParser, set_help: str) -> None:
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
 
 
-def run_config(args: argparse.Namespace, primary: str = "attack") -> RunConfig:
-    """Defaults < --config file < flags < --set, then one typed, validated RunConfig.
+def config_tree(args: argparse.Namespace, primary: str = "attack", config_cls: type = RunConfig) -> dict[str, Any]:
+    """Defaults < --config file < flags < --set, as a nested dict of the sections given (for `config_cls`).
 
     A `--set` key is a full path (`train.momentum=0.8`), or starts with the chosen attack's or defense's name
     (`badnets.patch_size=4`), or is bare, in which case it belongs to the `primary` section's params.
@@ -74,8 +81,8 @@ def run_config(args: argparse.Namespace, primary: str = "attack") -> RunConfig:
         if value is not None and dotted.split(".")[0] in SECTIONS:
             set_dotted(tree, dotted, value)
     names = {
-        "attack": tree.get("attack", {}).get("name", _default("attack.name")),
-        "defense": tree.get("defense", {}).get("name", _default("defense.name")),
+        "attack": tree.get("attack", {}).get("name", _default("attack.name", config_cls)),
+        "defense": tree.get("defense", {}).get("name", _default("defense.name", config_cls)),
     }
     for key, value in parse_assignments(getattr(args, "set", None)).items():
         head, _, rest = key.partition(".")
@@ -86,4 +93,9 @@ def run_config(args: argparse.Namespace, primary: str = "attack") -> RunConfig:
             set_dotted(tree, f"{section}.params.{rest}", value)
         else:
             set_dotted(tree, f"{primary}.params.{key}", value)
-    return RunConfig.from_dict(tree)
+    return tree
+
+
+def run_config(args: argparse.Namespace, primary: str = "attack") -> RunConfig:
+    """The typed, validated RunConfig of `config_tree`."""
+    return RunConfig.from_dict(config_tree(args, primary))

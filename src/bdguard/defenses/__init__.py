@@ -1,7 +1,14 @@
 """Defenses, one file each, registered by name in `DEFENSES`."""
 
-from bdguard.defenses import none, vab  # noqa: F401  (registration)
-from bdguard.defenses.base import Defense, DefenseConfig, TrainingDefense, TrainingJob
+from bdguard.defenses import neural_cleanse, none, pruning, vab  # noqa: F401  (registration)
+from bdguard.defenses.base import (
+    Defense,
+    DefenseConfig,
+    PostTrainingDefense,
+    RepairJob,
+    TrainingDefense,
+    TrainingJob,
+)
 from bdguard.defenses.registry import DEFENSES
 
 
@@ -9,4 +16,13 @@ def build_defense(config: DefenseConfig) -> Defense:
     return DEFENSES.get(config.name)(config)
 
 
-__all__ = ["DEFENSES", "Defense", "DefenseConfig", "TrainingDefense", "TrainingJob", "build_defense"]
+__all__ = [
+    "DEFENSES",
+    "Defense",
+    "DefenseConfig",
+    "PostTrainingDefense",
+    "RepairJob",
+    "TrainingDefense",
+    "TrainingJob",
+    "build_defense",
+]

@@ -1,4 +1,5 @@
-"""The defense interface. A training-time defense turns a (possibly poisoned) training set into a model."""
+"""The defense interface. A training-time defense turns a (possibly poisoned) training set into a model; a
+post-training defense repairs a model that was already trained (pruning, unlearning)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import torch
 
 from bdguard.attacks.base import PoisonedSet, TriggeredSet
 from bdguard.config import from_dict
-from bdguard.data.base import DataBundle
+from bdguard.data.base import DataBundle, ImageSet
+from bdguard.models.base import BackdoorModel
 from bdguard.training.config import TrainConfig
+from bdguard.training.metrics import Evaluator
 
 
 @dataclass
@@ -61,3 +64,35 @@ class TrainingDefense(Defense):
     @abstractmethod
     def train(self, job: TrainingJob) -> tuple[torch.nn.Module, dict[str, Any]]:
         """Train and return the model to deploy plus extra results (detector figures, stage timings)."""
+
+
+@dataclass
+class RepairJob:
+    """Everything a post-training defense may use to repair a trained model.
+
+    `probe` is the defender's clean, labelled data (a seeded hold-out of the test set or a user folder); it never
+    enters `evaluate`, which reports BA on the test set minus the probe and ASR/RA on the remaining non-target
+    images with the real trigger. `oracle` is the attack's own trigger (`Attack.apply`, uint8 -> uint8): it is
+    ground truth, so a defense may call it only when the user chose its oracle trigger source (an upper-bound
+    analysis); a practical defense must work from the model and the probe alone. `target` is for reports only.
+    """
+
+    model: BackdoorModel  # in eval mode on `device`
+    bundle: DataBundle  # on `device`; for class names and shapes: its splits are not the defender's data
+    probe: ImageSet  # on `device`
+    oracle: Callable[[torch.Tensor], torch.Tensor] | None  # None when the attack has no trigger
+    target: int | None
+    evaluate: Evaluator  # model -> {"ba", "asr", "ra"} on the test set minus the probe
+    train: TrainConfig  # fine-tuning settings (batch size, optimiser, amp)
+    device: torch.device
+    run_dir: Path | None
+    quiet: bool
+    seed: int
+
+
+class PostTrainingDefense(Defense):
+    stage = "post-training"
+
+    @abstractmethod
+    def repair(self, job: RepairJob) -> tuple[BackdoorModel, dict[str, Any]]:
+        """Return the repaired model plus extra results (the chosen prune level, detection figures, the curve)."""

@@ -2,7 +2,8 @@
 triggered test image, so a user sees what the attack did even when the trigger is invisible.
 
 Pure functions of tensors and class names; `poison_gallery` picks the rows from a poisoned set, `gallery_figure`
-draws any rows, and `write_figure` stores a figure atomically, so other reports can reuse each part.
+draws any rows, `new_figure` starts a plot and `write_figure` stores a figure atomically, so other reports can
+reuse each part.
 """
 
 from __future__ import annotations
@@ -194,6 +195,13 @@ def poison_gallery(
         return gallery_figure(examples, classes, title)
     shown = pick_triggered(triggered, len(examples) or rows, seed)
     return gallery_figure(examples, classes, gallery_title(poisoned.manifest, classes), shown)
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A constrained-layout figure of `width` x `height` inches, for the reports that draw with axes."""
+    figure = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(figure)  # render with Agg whatever backend the caller's matplotlib has chosen
+    return figure
 
 
 def write_figure(figure: Figure, path: str | Path) -> None:

@@ -1,7 +1,7 @@
 """Training and evaluation: one loop, one set of metrics, used by every method."""
 
 from bdguard.training.config import TrainConfig
-from bdguard.training.metrics import evaluate, predict
+from bdguard.training.metrics import Evaluator, evaluate, predict
 from bdguard.training.trainer import Trainer, fit, resolve_device, seed_everything
 
-__all__ = ["TrainConfig", "Trainer", "evaluate", "fit", "predict", "resolve_device", "seed_everything"]
+__all__ = ["Evaluator", "TrainConfig", "Trainer", "evaluate", "fit", "predict", "resolve_device", "seed_everything"]

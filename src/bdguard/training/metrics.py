@@ -8,6 +8,7 @@ classified as their true class.
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -58,3 +59,17 @@ def evaluate(
         pred = predict(model, triggered.images, batch_size, amp)
         result.update(asr=accuracy(pred, triggered.targets), ra=accuracy(pred, triggered.labels))
     return result
+
+
+@dataclass(frozen=True)
+class Evaluator:
+    """`evaluate` bound to fixed sets: a callable model -> {"ba", "asr", "ra"} whose sets can also be read
+    (post-training defenses trace BA/ASR curves on them without re-running the whole network per point)."""
+
+    clean: ImageSet
+    triggered: TriggeredSet | None
+    batch_size: int = 512
+    amp: bool = True
+
+    def __call__(self, model: torch.nn.Module) -> dict[str, float | None]:
+        return evaluate(model, self.clean, self.triggered, self.batch_size, self.amp)

@@ -49,6 +49,13 @@ def _decode(files: list[Path], decoder: ImageDecoder) -> list[np.ndarray]:
     return [decoder(str(file), file) for file in files]
 
 
+def read_labelled_dir(folder: Path, classes: list[str], decoder: ImageDecoder) -> Split:
+    """Every image of a folder of class sub-folders, labelled by its sub-folder's index in `classes` (a given
+    class list, e.g. a model's); a sub-folder may hold any subset of the classes."""
+    files, labels = _scan(folder, classes)
+    return decoder.stack(_decode(files, decoder)), labels
+
+
 def read_split_dirs(train_dir: Path, test_dir: Path, decoder: ImageDecoder) -> tuple[list[str], Split, Split]:
     """Class names and the two splits of a tree that has train/<class>/ and test/<class>/."""
     classes = [d.name for d in class_dirs(train_dir)]

@@ -1,0 +1,191 @@
+"""The run behind `bdguard prune`: repair a trained model with a post-training defense and measure it.
+
+The defender's data is the probe set: a seeded share of the clean test set (default 500 images) or a folder of
+clean images. Held-out probe images never enter BA/ASR: BA is measured on the test set minus the probe, ASR and
+RA on the remaining test images not of the target class, stamped with the real trigger.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bdguard.attacks import ATTACKS, AttackConfig, AttackContext, build_attack
+from bdguard.config import check_range, from_dict, to_dict
+from bdguard.data import DataBundle, DataConfig, ImageSet
+from bdguard.data.sources import ImageDecoder
+from bdguard.data.sources.imagefolder import read_labelled_dir
+from bdguard.defenses import DefenseConfig, PostTrainingDefense, RepairJob, build_defense
+from bdguard.errors import BdguardError
+from bdguard.io import write_json
+from bdguard.models import load_model, save_model
+from bdguard.pipeline import check_model_data, environment, prepare_data, recorded_attack
+from bdguard.progress import log
+from bdguard.training import Evaluator, TrainConfig, resolve_device
+
+TEST_HOLDOUT = "test-holdout"
+DEFAULT_DEFENSE = "linf-prune"
+
+
+@dataclass
+class ProbeConfig:
+    size: int = 500
+    source: str = TEST_HOLDOUT  # or a folder of class sub-folders (imagefolder layout) of clean images
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_range("probe.size", self.size, 1)
+
+
+@dataclass
+class PruneConfig:
+    """One repair run. `train` gives the device, threads, evaluation batch and any fine-tuning's settings."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    attack: AttackConfig | None = None  # None: the attack recorded in the model file
+    defense: DefenseConfig = field(default_factory=lambda: DefenseConfig(name=DEFAULT_DEFENSE))
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PruneConfig:
+        # a defense section without a name (only --set options) means the default defense, not DefenseConfig's
+        section = data.get("defense", {})
+        if isinstance(section, dict):
+            data = {**data, "defense": {"name": DEFAULT_DEFENSE, **section}}
+        return from_dict(cls, data)
+
+
+def split_probe(test: ImageSet, config: ProbeConfig) -> tuple[ImageSet, ImageSet]:
+    """(probe, evaluation set): `config.size` test images drawn with `config.seed`, and the others."""
+    if config.size >= len(test):
+        raise BdguardError(
+            f"probe.size {config.size} leaves no test images to evaluate on (the test set has {len(test)}); "
+            "choose a smaller probe or a probe folder"
+        )
+    order = torch.randperm(len(test), generator=torch.Generator().manual_seed(config.seed)).to(test.device)
+    held = torch.zeros(len(test), dtype=torch.bool, device=test.device)
+    held[order[: config.size]] = True
+    return test.subset(held), test.subset(~held)
+
+
+def read_probe_folder(config: ProbeConfig, bundle: DataBundle) -> ImageSet:
+    """Up to `config.size` clean images (a seeded choice) from a folder of class sub-folders named like the
+    data set's classes, resized to the data set's image size."""
+    folder = Path(config.source).expanduser()
+    if not folder.is_dir():
+        raise BdguardError(f"probe.source must be {TEST_HOLDOUT!r} or a folder of class sub-folders; got {folder}")
+    channels, height, width = bundle.image_shape
+    decoder = ImageDecoder(height if height == width else None, allow_gray=channels == 1)
+    images, labels = read_labelled_dir(folder, list(bundle.classes), decoder)
+    probe = ImageSet(torch.from_numpy(images), torch.from_numpy(labels))
+    if probe.image_shape != bundle.image_shape:
+        raise BdguardError(f"probe images in {folder} are {probe.image_shape}; the model takes {bundle.image_shape}")
+    if len(probe) > config.size:
+        generator = torch.Generator().manual_seed(config.seed)
+        probe = probe.subset(torch.randperm(len(probe), generator=generator)[: config.size])
+    return probe.to(bundle.test.device)
+
+
+def take_probe(bundle: DataBundle, config: ProbeConfig) -> tuple[ImageSet, ImageSet]:
+    """(probe, evaluation set): a held-out share of the test set and the rest, or a probe folder and the whole
+    test set."""
+    if config.source == TEST_HOLDOUT:
+        return split_probe(bundle.test, config)
+    return read_probe_folder(config, bundle), bundle.test
+
+
+def _check_out_dir(out: Path, model_path: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise BdguardError(f"--out {out} exists and is not a folder")
+    if (out / "checkpoint.pt").exists():
+        raise BdguardError(f"{out} holds a training run: choose another --out for prune")
+    if (out / "model.safetensors").resolve() == model_path.resolve():
+        raise BdguardError(f"--out {out} would overwrite the model being repaired; choose another folder")
+
+
+def run_prune(config: PruneConfig, model_path: str | Path, out: str | Path, quiet: bool = False) -> dict[str, Any]:
+    """Repair the model at `model_path` with the post-training defense of `config.defense` and write to `out`:
+    model.safetensors (its mask and the repair recorded in the sidecar), config.json, results.json (train's keys
+    plus `pruned_fraction`, `before` and the probe's description) and whatever the defense writes (pruning.json,
+    curve.jsonl, curve.png, norms.png for the pruning defenses)."""
+    out, model_path = Path(out), Path(model_path)
+    _check_out_dir(out, model_path)
+    defense = build_defense(config.defense)
+    if not isinstance(defense, PostTrainingDefense):
+        raise BdguardError(f"defense {defense.name} trains a model: use `bdguard train --defense {defense.name}`")
+    device = resolve_device(config.train.device)
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    model, meta = load_model(model_path, device)
+    attack_config = config.attack or recorded_attack(meta)
+    ATTACKS.get(attack_config.name)  # an unknown name fails before the data set loads
+    began = time.perf_counter()
+    bundle = prepare_data(config.data, device)
+    check_model_data(meta, bundle, model_path)
+    attack = build_attack(attack_config, bundle.num_classes, bundle.image_shape)
+    attack.prepare(bundle, AttackContext(device, config.data.cache_path(), quiet))
+
+    probe, evaluation = take_probe(bundle, config.probe)
+    triggered = attack.test_set(evaluation) if attack.has_trigger else None
+    evaluator = Evaluator(evaluation, triggered, config.train.eval_batch_size, config.train.amp)
+    log(f"probe: {len(probe)} clean images ({config.probe.source}); evaluation: {len(evaluation)} test images")
+    before = evaluator(model)
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", {"config": to_dict(config), "model": str(model_path), "environment": environment()})
+    job = RepairJob(
+        model=model,
+        bundle=bundle,
+        probe=probe,
+        oracle=attack.apply if attack.has_trigger else None,
+        target=attack_config.target if attack.has_trigger else None,
+        evaluate=evaluator,
+        train=config.train,
+        device=device,
+        run_dir=out,
+        quiet=quiet,
+        seed=config.train.seed,
+    )
+    model, extra = defense.repair(job)
+    model = model.to(memory_format=torch.contiguous_format).eval()
+    masked = (model.feature_mask == 0).nonzero().squeeze(1).tolist()
+    # a defense that prunes elsewhere than the feature map (CLP) reports its own fraction
+    pruned_fraction = extra.get("pruned_fraction", len(masked) / model.feature_channels)
+    probe_info = {"source": config.probe.source, "size": len(probe), "seed": config.probe.seed}
+    repair = {
+        "source_model": str(model_path),
+        "feature_channels": model.feature_channels,
+        "masked_channels": masked,  # also in the weights file, as the feature_mask buffer
+        "pruned_fraction": pruned_fraction,
+        "probe": probe_info,
+    }
+    extra_meta = {**meta.extra, "defense": to_dict(config.defense), "trained_with": meta.extra.get("defense")}
+    save_model(model, out / "model.safetensors", dataclasses.replace(meta, extra={**extra_meta, "repair": repair}))
+
+    results = {
+        **evaluator(model),
+        "dataset": bundle.name,
+        "attack": attack_config.name,
+        "defense": config.defense.name,
+        "model": meta.architecture,
+        "epochs": (meta.extra.get("train") or {}).get("epochs"),
+        "seconds": round(time.perf_counter() - began, 2),
+        "poisoned": None,  # known to the training run, not to the defender
+        "train_size": None,
+        "target": attack_config.target if attack.has_trigger else None,
+        "pruned_fraction": pruned_fraction,
+        "before": before,
+        "probe": probe_info,
+        "eval_size": len(evaluation),
+        "model_path": str(model_path),
+        **extra,
+        "environment": environment(),
+    }
+    write_json(out / "results.json", results)
+    return results
