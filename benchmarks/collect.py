@@ -1,6 +1,7 @@
 """Markdown rows of the finished runs under a benchmark folder (one sub-folder per run with its results.json).
 
-python benchmarks/collect.py runs/cifar-cpu
+python benchmarks/collect.py runs/cifar-cpu            # training runs
+python benchmarks/collect.py --prune runs/cifar-cpu-prune  # repairs: before/after, and the best ASR on the curve
 """
 
 from __future__ import annotations
@@ -31,10 +32,45 @@ def row(name: str, results: dict) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def curve_asr(folder: Path, before_ba: float, max_drop: float) -> str:
+    """The lowest ASR on the BA/ASR-vs-k curve among the points whose BA lies within `max_drop` of the model's
+    before repair (read from the ground truth: a reporting view, not what the defense could choose)."""
+    path = folder / "curve.jsonl"
+    if not path.exists():
+        return "—"
+    points = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    within = [p["asr"] for p in points if "ba" in p and p.get("asr") is not None and p["ba"] >= before_ba - max_drop]
+    return share(min(within)) if within else "—"
+
+
+def prune_row(folder: Path, results: dict) -> str:
+    before = results["before"]
+    cells = [
+        folder.name,
+        results["defense"],
+        str(results.get("trigger") or "—"),
+        str(results.get("k", "—")),
+        f"{share(before['ba'])} → {share(results['ba'])}",
+        f"{share(before['asr'])} → {share(results['asr'])}",
+        share(results["ra"]),
+        curve_asr(folder, before["ba"], 0.02),
+        curve_asr(folder, before["ba"], 0.05),
+        f"{results['seconds']:.0f}",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)
+    parser.add_argument("--prune", action="store_true", help="the folder holds `bdguard prune` runs")
     args = parser.parse_args()
+    if args.prune:
+        print("| run | defense | trigger | k | BA % | ASR % | RA % | ASR % at BA drop ≤ 2 | ≤ 5 (curve) | seconds |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for path in sorted(args.folder.glob("*/results.json")):
+            print(prune_row(path.parent, json.loads(path.read_text())))
+        return
     print("| run | attack | defense | BA % | ASR % | RA % | TPR % | FPR % | AUROC | seconds |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for path in sorted(args.folder.glob("*/results.json")):

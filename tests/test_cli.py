@@ -99,26 +99,66 @@ def test_console_entry_point():
     assert done.stdout.startswith("bdguard ")
 
 
-def test_demo_prints_one_table_and_writes_results(tmp_path, capsys, monkeypatch):
+def test_demo_trains_prunes_and_prints_one_table(tmp_path, capsys, monkeypatch):
     from bdguard.cli import demo
     from bdguard.pipeline import RunConfig
+    from bdguard.repair import PruneConfig
 
-    original = demo.demo_config
+    demo_config, repair_config = demo.demo_config, demo.repair_config
 
     def tiny(defense):  # the demo's flow on the synthetic set, so the test runs in seconds
-        config = original(defense)
+        config = demo_config(defense)
         return RunConfig.from_dict(
             {
                 "data": {"dataset": "synthetic"},
-                "attack": {"name": "badnets", "rate": 0.1},
+                "attack": {"name": "badnets", "rate": 0.1, "params": {"patch_size": 4}},
                 "defense": {"name": config.defense.name},
-                "train": {"model": config.train.model, "epochs": 1, "threads": 2},
+                "train": {"model": config.train.model, "epochs": 1, "batch_size": 64, "threads": 2},
+            }
+        )
+
+    def tiny_repair(defense, params):
+        config = repair_config(defense, params)
+        params = {**params, "nc_steps": 30}  # Neural Cleanse cut short
+        return PruneConfig.from_dict(
+            {
+                "data": {"dataset": "synthetic"},
+                "defense": {"name": config.defense.name, "params": params},
+                "probe": {"size": 200},
+                "train": {"threads": 2},
             }
         )
 
     monkeypatch.setattr(demo, "demo_config", tiny)
+    monkeypatch.setattr(demo, "repair_config", tiny_repair)
     code, out, _ = run_cli(capsys, "demo", "--out", str(tmp_path), "--quiet")
     assert code == 0
-    assert "BA" in out and "ASR" in out and "none" in out
-    results = json.loads((tmp_path / "none" / "results.json").read_text())
-    assert results["attack"] == "badnets" and 0 <= results["asr"] <= 1
+    assert "BA" in out and "ASR" in out and "none + linf-prune " in out and "none + linf-prune-oracle" in out
+    trained = json.loads((tmp_path / "none" / "results.json").read_text())
+    assert trained["attack"] == "badnets" and trained["asr"] > 0.5
+    for folder, trigger in (("linf-prune", "reverse"), ("linf-prune-oracle", "oracle")):
+        report = json.loads((tmp_path / folder / "pruning.json").read_text())
+        assert report["trigger"] == trigger
+    pruned = json.loads((tmp_path / "linf-prune-oracle" / "results.json").read_text())
+    assert pruned["model_path"] == str(tmp_path / "none" / "model.safetensors") and pruned["pruned_fraction"] > 0
+    assert pruned["asr"] < trained["asr"]
+    # run again: both steps are read back, nothing is trained or pruned twice
+    monkeypatch.setattr(demo, "run_prune", lambda *a, **k: pytest.fail("pruned again"))
+    code, again, _ = run_cli(capsys, "demo", "--out", str(tmp_path), "--quiet")
+    assert code == 0 and f"{pruned['asr']:.1%}" in again
+
+
+def test_the_demo_settings_are_the_documented_ones():
+    from bdguard.cli import demo
+
+    config = demo.demo_config("none")
+    assert (config.data.dataset, config.data.train_size) == ("fashion-mnist", 20_000)
+    assert (config.attack.name, config.attack.rate, config.train.model, config.train.epochs) == (
+        "badnets",
+        0.1,
+        "small-cnn",
+        3,
+    )
+    # as a defender runs it (reversed trigger, auto budget), and with the real trigger
+    assert [(d, p) for _, d, p in demo.DEMO_REPAIRS] == [("linf-prune", {}), ("linf-prune", {"trigger": "oracle"})]
+    assert demo.repair_config("linf-prune", {}).data == config.data

@@ -88,6 +88,23 @@ def test_synthetic_shapes_dtypes_labels_and_determinism(tmp_path):
     assert (nearest == bundle.test.labels).float().mean() > 0.9
 
 
+def test_train_size_keeps_a_fixed_subset_of_the_training_images_only():
+    full = load_dataset(DataConfig("synthetic"))
+    part = load_dataset(DataConfig("synthetic", train_size=100))
+    assert len(part.train) == 100 and len(part.test) == len(full.test)
+    # the same rows every time, each one a row of the full set, statistics unchanged
+    again = load_dataset(DataConfig("synthetic", train_size=100))
+    assert torch.equal(part.train.images, again.train.images) and torch.equal(part.train.labels, again.train.labels)
+    rows = {bytes(image.numpy()) for image in full.train.images}
+    assert all(bytes(image.numpy()) in rows for image in part.train.images)
+    assert (part.mean, part.std) == (full.mean, full.std)
+    assert not torch.equal(part.train.images, full.train.images[:100])  # drawn, not the first rows
+    with pytest.raises(BdguardError, match="larger than the training set"):
+        load_dataset(DataConfig("synthetic", train_size=len(full.train) + 1))
+    with pytest.raises(BdguardError, match="train_size must be a positive integer"):
+        DataConfig("synthetic", train_size=0)
+
+
 def test_synthetic_is_learnable_by_a_small_cnn(one_thread):
     bundle = load_dataset(DataConfig("synthetic"))
     mean, std = torch.tensor(bundle.mean).view(1, 3, 1, 1), torch.tensor(bundle.std).view(1, 3, 1, 1)

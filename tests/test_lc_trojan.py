@@ -11,6 +11,7 @@ from bdguard.data.augment import to_float
 from bdguard.data.base import DataBundle, ImageSet
 from bdguard.data.config import DataConfig
 from bdguard.errors import BdguardError
+from bdguard.models import build_model
 from bdguard.training.surrogate import train_surrogate
 
 SURROGATE = {"surrogate_model": "small-cnn", "surrogate_epochs": 1}
@@ -280,3 +281,12 @@ def test_trojan_needs_prepare_and_at_most_as_many_neurons_as_channels(bundle, co
         _attack("trojan").apply(bundle.test.images)
     with pytest.raises(BdguardError, match=r"trojan.neurons must be in \[1, 128\] for small-cnn, got 129"):
         _prepared("trojan", bundle, context, params={"neurons": 129})
+
+
+def test_trojan_neurons_are_feature_channels_also_behind_a_hidden_layer():
+    model = build_model("alexnet", 10, 3, [0.5] * 3, [0.25] * 3, width=1)
+    with torch.no_grad():
+        model.hidden[0].weight.zero_()
+        model.hidden[0].weight[:, 7] = 1.0  # only channel 7 feeds the head
+        model.fc.weight.normal_()
+    assert trojan_module.select_neurons(model, 1) == [7]

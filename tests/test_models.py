@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 import bdguard.models.io as model_io
 from bdguard.errors import BdguardError
@@ -50,7 +51,7 @@ CASES = [(name, c, s) for name in MODELS.names() for c in (1, 3) for s in (28, 3
 
 
 def test_all_architectures_registered():
-    assert MODELS.names() == ["preact-resnet18", "resnet18", "resnet20", "small-cnn"]
+    assert MODELS.names() == ["alexnet", "preact-resnet18", "resnet18", "resnet20", "small-cnn"]
 
 
 @pytest.mark.parametrize("name,in_channels,size", CASES)
@@ -74,6 +75,7 @@ def test_interface(name, in_channels, size):
         ("resnet18", 32, (512, 4, 4)),
         ("preact-resnet18", 32, (512, 4, 4)),
         ("resnet20", 32, (64, 8, 8)),
+        ("alexnet", 32, (256, 8, 8)),
         ("small-cnn", 28, (128, 7, 7)),
         ("small-cnn", 8, (128, 2, 2)),
     ],
@@ -87,6 +89,10 @@ def test_resnet20_width_and_param_counts():
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert 250_000 <= count(make("resnet20")) <= 300_000
     assert make("resnet20", width=2).feature_channels == 128
+    # width 4: the 64-192-384-256-256 convolutions and two fully connected layers of linf_pruning.md section 6
+    assert [m.out_channels for m in make("alexnet").modules() if isinstance(m, nn.Conv2d)] == [64, 192, 384, 256, 256]
+    assert [m.out_features for m in make("alexnet").modules() if isinstance(m, nn.Linear)] == [256, 10]
+    assert make("alexnet", width=2).feature_channels == 128
     assert 11_000_000 <= count(make("resnet18")) <= 11_300_000
     assert 11_000_000 <= count(make("preact-resnet18")) <= 11_300_000
 
@@ -139,6 +145,10 @@ def test_build_errors():
         build_model("resnet18", 10, 3, MEAN[3], STD[3], width=2)
     with pytest.raises(BdguardError, match="width must be a positive integer"):
         build_model("resnet20", 10, 3, MEAN[3], STD[3], width=0)
+    # --set gives strings: the builder's annotation types them, and refuses what is not one
+    assert build_model("alexnet", 10, 3, MEAN[3], STD[3], width="2").feature_channels == 128
+    with pytest.raises(BdguardError, match="width must be an integer"):
+        build_model("alexnet", 10, 3, MEAN[3], STD[3], width="two")
 
 
 # ---- model files ---------------------------------------------------------------------------------------------------

@@ -195,7 +195,7 @@ def test_auto_stops_at_the_probe_accuracy_tolerance():
     assert result["probe_after"]["probe_acc"] == 1.0  # the last k before any drop
 
 
-@pytest.mark.parametrize("name", ["small-cnn", "resnet20", "resnet18", "preact-resnet18"])
+@pytest.mark.parametrize("name", ["small-cnn", "alexnet", "resnet20", "resnet18", "preact-resnet18"])
 def test_masking_zeroes_exactly_the_chosen_channels(name, tmp_path):
     torch.manual_seed(0)
     model = build_model(name, 10, 3, [0.5] * 3, [0.25] * 3).eval()

@@ -72,8 +72,8 @@ class TrojanParams:
 
 
 def select_neurons(model: BackdoorModel, count: int) -> list[int]:
-    """The `count` feature channels with the largest total |weight| into the classifier, strongest first."""
-    return model.fc.weight.detach().abs().sum(0).topk(count).indices.tolist()
+    """The `count` feature channels with the largest total |weight| into the head, strongest first."""
+    return model.head_weight().detach().abs().sum(0).topk(count).indices.tolist()
 
 
 def stamp(images: torch.Tensor, patch: torch.Tensor, row: int, col: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ DATA_FLAGS = [
     ("--data-root", "data.data_root", {"help": "where the data set is: a folder or archive"}),
     ("--download", "data.download", {"action": "store_const", "const": True, "help": "allow torchvision downloads"}),
     ("--image-size", "data.image_size", {"help": "resize images to this square size"}),
+    ("--train-size", "data.train_size", {"help": "train on this many images (a fixed seeded subset)"}),
 ]
 ATTACK_FLAGS = [
     ("--attack", "attack.name", {"help": "attack name (see `bdguard attacks`)"}),

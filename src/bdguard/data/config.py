@@ -20,6 +20,8 @@ class DataConfig:
     # Resize to this square size (gtsrb defaults to 32; imagefolder needs it when sizes differ).
     image_size: int | None = None
     cache_dir: str | None = None  # default: $BDGUARD_CACHE, else ~/.cache/bdguard
+    # Keep this many training images (a subset drawn with a fixed seed, the same for every run): quick runs on a CPU.
+    train_size: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.dataset, str) or not self.dataset.strip():
@@ -34,6 +36,11 @@ class DataConfig:
             raise BdguardError(
                 f"image_size must be an integer from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}, got {self.image_size!r}"
             )
+
+        if self.train_size is not None and (
+            isinstance(self.train_size, bool) or not isinstance(self.train_size, int) or self.train_size < 1
+        ):
+            raise BdguardError(f"train_size must be a positive integer, got {self.train_size!r}")
 
     def cache_path(self) -> Path:
         """The folder that holds decoded data sets (and downloads when no --data-root is given)."""

@@ -12,6 +12,7 @@ from bdguard.data import cache
 from bdguard.data.base import DataBundle, ImageSet, channel_stats
 from bdguard.data.config import DataConfig
 from bdguard.data.sources import DATASETS, DatasetSource, RawSplits
+from bdguard.errors import BdguardError
 
 log = logging.getLogger(__name__)
 ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
@@ -48,9 +49,10 @@ def load_dataset(config: DataConfig) -> DataBundle:
             cache.save_entry(entry, identity, {key: getattr(raw, key) for key in ARRAYS}, info)
         extra["cache"] = str(entry)
     mean, std = stats
+    train = ImageSet(torch.from_numpy(raw.train_images), torch.from_numpy(raw.train_labels))
     return DataBundle(
         name=source.bundle_name,
-        train=ImageSet(torch.from_numpy(raw.train_images), torch.from_numpy(raw.train_labels)),
+        train=train if config.train_size is None else training_subset(train, config.train_size),
         test=ImageSet(torch.from_numpy(raw.test_images), torch.from_numpy(raw.test_labels)),
         classes=raw.classes,
         mean=tuple(mean),
@@ -59,6 +61,15 @@ def load_dataset(config: DataConfig) -> DataBundle:
         source=raw.source,
         extra=extra,
     )
+
+
+def training_subset(train: ImageSet, size: int) -> ImageSet:
+    """`size` training images drawn with a fixed seed, in their original order. The normalisation statistics stay
+    those of the whole set, so a model trained on the subset and one trained on everything see the same inputs."""
+    if size > len(train):
+        raise BdguardError(f"train_size {size} is larger than the training set ({len(train)} images)")
+    keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:size].sort().values
+    return train.subset(keep)
 
 
 def _from_cache(entry: Path, identity: str) -> tuple[RawSplits, tuple[tuple[float, ...], tuple[float, ...]]] | None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, get_type_hints
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bdguard.config import coerce
 from bdguard.errors import BdguardError
 from bdguard.registry import Registry
 
@@ -20,10 +21,18 @@ class BackdoorModel(nn.Module):
 
     Subclasses build their layers after calling this constructor and implement `_features` on normalised input.
     `mean`, `std` and `feature_mask` are buffers, so a saved state dict carries the normalisation and any pruning.
+    The head is a global average pool, then a `hidden`-unit ReLU layer with dropout where `hidden` > 0, then `fc`:
+    whatever it is, it reads only the pooled map, which is what lets pruning curves skip the convolutions.
     """
 
     def __init__(
-        self, num_classes: int, in_channels: int, mean: Sequence[float], std: Sequence[float], feature_channels: int
+        self,
+        num_classes: int,
+        in_channels: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        feature_channels: int,
+        hidden: int = 0,
     ) -> None:
         super().__init__()
         check_positive_int("num_classes", num_classes)
@@ -40,7 +49,10 @@ class BackdoorModel(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("feature_mask", torch.ones(feature_channels))
-        self.fc = nn.Linear(feature_channels, num_classes)
+        self.hidden = (
+            nn.Sequential(nn.Linear(feature_channels, hidden), nn.ReLU(), nn.Dropout(0.5)) if hidden else nn.Identity()
+        )
+        self.fc = nn.Linear(hidden or feature_channels, num_classes)
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         """The last conv feature map (after its activation) of normalised images."""
@@ -59,8 +71,14 @@ class BackdoorModel(nn.Module):
         return f * self.feature_mask.to(f.dtype).view(1, -1, 1, 1)
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
-        """Feature map -> logits: global average pool, flatten, linear."""
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(features, 1), 1))
+        """Feature map -> logits: global average pool, flatten, the head."""
+        return self.fc(self.hidden(torch.flatten(F.adaptive_avg_pool2d(features, 1), 1)))
+
+    def head_weight(self) -> torch.Tensor:
+        """(out, feature_channels): the weight of the first linear layer after the pool, the one that reads the
+        feature channels."""
+        first = self.hidden[0] if isinstance(self.hidden, nn.Sequential) else self.fc
+        return first.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classify(self.features(x))
@@ -81,7 +99,13 @@ def build_model(
     if unknown:
         accepted = ", ".join(options) or "none"
         raise BdguardError(f"model {name!r} has no option {', '.join(unknown)}; its options: {accepted}")
-    return builder(num_classes, in_channels, mean, std, **kwargs)
+    # options given as --set strings ("2") get the type the builder declares
+    hints = get_type_hints(builder.__init__ if inspect.isclass(builder) else builder)
+    typed = {
+        key: coerce(value, hints[key], f"model option {key}") if key in hints else value
+        for key, value in kwargs.items()
+    }
+    return builder(num_classes, in_channels, mean, std, **typed)
 
 
 def init_weights(module: nn.Module) -> None:
