@@ -16,6 +16,9 @@ import pytest
         "bdguard.analysis.analyze",
         "bdguard.analysis.gradcam",
         "bdguard.repair",
+        "bdguard.attacks.store",
+        "bdguard.bench",
+        "bdguard.reporting.html",
     ],
 )
 def test_each_package_imports_first_without_a_cycle(module):

@@ -97,9 +97,13 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
         converted = [coerce(v, item_type, f"{name}[{i}]") for i, v in enumerate(items)]
         return tuple(converted) if origin is tuple else converted
     if origin is dict or tp is dict:
-        if isinstance(value, Mapping):
+        if not isinstance(value, Mapping):
+            raise BdguardError(f"{name} must be a table of settings, got {value!r}")
+        args = get_args(tp)
+        if not args:
             return dict(value)
-        raise BdguardError(f"{name} must be a table of settings, got {value!r}")
+        # keys stay as given (TOML and --set keys are strings); values are checked against the value type
+        return {key: coerce(item, args[1], f"{name}.{key}") for key, item in value.items()}
     raise TypeError(f"unsupported config type {tp!r} for {name}")  # a bug in a config class, not user input
 
 

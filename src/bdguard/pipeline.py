@@ -17,6 +17,7 @@ import torch
 
 from bdguard import __version__
 from bdguard.attacks import ATTACKS, Attack, AttackConfig, AttackContext, PoisonedSet, TriggeredSet, build_attack
+from bdguard.attacks.store import load_poisoned, poison_key, store_poisoned
 from bdguard.config import check_range, from_dict, to_dict
 from bdguard.data import DataBundle, DataConfig, load_dataset
 from bdguard.defenses import DefenseConfig, TrainingDefense, TrainingJob, build_defense
@@ -77,13 +78,23 @@ def _check_out_dir(out: Path, resume: bool) -> None:
 
 
 def _poisoned_data(
-    config: RunConfig, device: torch.device, quiet: bool
+    config: RunConfig, device: torch.device, quiet: bool, store: Path | None = None
 ) -> tuple[DataBundle, Attack, PoisonedSet, TriggeredSet | None]:
-    """Load the data, prepare the attack on it, poison the training set and trigger the test set."""
+    """Load the data, prepare the attack on it, poison the training set (or read it from `store`, a folder of
+    stored poisoned sets) and trigger the test set."""
     bundle = prepare_data(config.data, device)
     attack = build_attack(config.attack, bundle.num_classes, bundle.image_shape)
     attack.prepare(bundle, AttackContext(device, config.data.cache_path(), quiet))
-    poisoned = attack.poison(bundle.train)
+    if store is None:
+        poisoned = attack.poison(bundle.train)
+    else:
+        key = poison_key(bundle.name, bundle.train, config.attack)
+        poisoned = load_poisoned(store / key, key, bundle.train)
+        if poisoned is None:
+            poisoned = attack.poison(bundle.train)
+            store_poisoned(store / key, key, poisoned)
+        else:
+            log(f"poisoned set read from {store / key}")
     triggered = attack.test_set(bundle.test) if attack.has_trigger else None
     return bundle, attack, poisoned, triggered
 
@@ -93,8 +104,16 @@ def _write_mask(path: Path, mask: torch.Tensor) -> None:
     write_with(path, lambda handle: np.save(handle, array, allow_pickle=False))
 
 
-def run_train(config: RunConfig, out: str | Path, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
-    """Poison (if an attack is set), train with the chosen defense, evaluate, and write the run folder."""
+def run_train(
+    config: RunConfig,
+    out: str | Path,
+    resume: bool = False,
+    quiet: bool = False,
+    poison_store: str | Path | None = None,
+) -> dict[str, Any]:
+    """Poison (if an attack is set), train with the chosen defense, evaluate, and write the run folder.
+    `poison_store`: a folder of stored poisoned sets (`attacks/store.py`) to read the poisoned set from, or to
+    add it to; runs on the same set then poison once."""
     out = Path(out)
     _check_out_dir(out, resume)
     defense = build_defense(config.defense)
@@ -107,7 +126,8 @@ def run_train(config: RunConfig, out: str | Path, resume: bool = False, quiet: b
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     began = time.perf_counter()
-    bundle, attack, poisoned, triggered = _poisoned_data(config, device, quiet)
+    store = Path(poison_store) if poison_store is not None else None
+    bundle, attack, poisoned, triggered = _poisoned_data(config, device, quiet, store)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", {"config": to_dict(config), "environment": environment()})
     write_json(out / "attack.json", poisoned.manifest)
@@ -154,7 +174,13 @@ def run_train(config: RunConfig, out: str | Path, resume: bool = False, quiet: b
 GALLERY_ROWS = 6  # poisoned samples shown in gallery.png
 
 
-def run_poison(config: RunConfig, out: str | Path, quiet: bool = False, rows: int = GALLERY_ROWS) -> dict[str, Any]:
+def run_poison(
+    config: RunConfig,
+    out: str | Path,
+    quiet: bool = False,
+    rows: int = GALLERY_ROWS,
+    poison_store: str | Path | None = None,
+) -> dict[str, Any]:
     """Poison the training set without training and write the run's poisoning record to `out`:
 
     - manifest.json: the attack's manifest (attack, target, mode, rate, rate_meaning, clean_label, seed, params,
@@ -166,7 +192,7 @@ def run_poison(config: RunConfig, out: str | Path, quiet: bool = False, rows: in
       samples can be dropped;
     - gallery.png: `rows` seeded poisoned samples (plus cross ones) beside their clean versions.
     An earlier poison folder is overwritten; a training run's folder is refused, since its poison_mask.npy belongs
-    to its model. Only what `attack.prepare` needs is trained.
+    to its model. Only what `attack.prepare` needs is trained. `poison_store` as in `run_train`.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -178,7 +204,8 @@ def run_poison(config: RunConfig, out: str | Path, quiet: bool = False, rows: in
     device = resolve_device(config.train.device)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
-    bundle, attack, poisoned, triggered = _poisoned_data(config, device, quiet)
+    store = Path(poison_store) if poison_store is not None else None
+    bundle, attack, poisoned, triggered = _poisoned_data(config, device, quiet, store)
     # Imported here: matplotlib is slow to import and only this command draws.
     from bdguard.reporting.gallery import poison_gallery, write_figure
 

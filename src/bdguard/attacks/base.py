@@ -89,16 +89,20 @@ class Attack(ABC):
         self.config = config
         self.num_classes = num_classes
         self.image_shape = image_shape
-        self.params = from_dict(self.Params, self._resolve_presets(dict(config.params)), prefix=f"{self.name}.")
+        self.params = self.parse_params(config.params)
 
-    def _resolve_presets(self, params: dict[str, Any]) -> dict[str, Any]:
+    @classmethod
+    def parse_params(cls, params: dict[str, Any]) -> Any:
+        """The attack's `Params` from a dict of settings over its named preset: validated without any data, so a
+        grid of runs can refuse a bad option before the first one starts."""
+        params = dict(params)
         preset = params.pop("preset", None)
-        if preset is None:
-            return params
-        if preset not in self.presets:
-            known = ", ".join(self.presets) or "none"
-            raise BdguardError(f"attack {self.name} has no preset {preset!r}; presets: {known}")
-        return merge(self.presets[preset], params)
+        if preset is not None:
+            if preset not in cls.presets:
+                known = ", ".join(cls.presets) or "none"
+                raise BdguardError(f"attack {cls.name} has no preset {preset!r}; presets: {known}")
+            params = merge(cls.presets[preset], params)
+        return from_dict(cls.Params, params, prefix=f"{cls.name}.")
 
     def prepare(self, bundle: DataBundle, context: AttackContext) -> None:  # noqa: B027 (an optional hook)
         """Learn whatever the trigger needs from clean data before `poison`/`test_set` (a generator, a surrogate

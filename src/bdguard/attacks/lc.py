@@ -52,6 +52,7 @@ from bdguard.data.augment import to_float
 from bdguard.data.base import DataBundle, ImageSet
 from bdguard.errors import BdguardError
 from bdguard.models import BackdoorModel
+from bdguard.progress import progress_bar
 from bdguard.training.surrogate import check_surrogate, train_surrogate
 
 # Turner et al.'s bottom-right trigger (poison_attack.py), +1 white, -1 black, rows top to bottom.
@@ -94,25 +95,33 @@ class LCParams:
 
 
 def pgd(
-    model: BackdoorModel, images: torch.Tensor, labels: torch.Tensor, eps: float, step: float, steps: int
+    model: BackdoorModel,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    eps: float,
+    step: float,
+    steps: int,
+    quiet: bool = True,
 ) -> torch.Tensor:
     """Untargeted L-inf PGD on uint8 images (N, C, H, W) with their true labels; returns rounded uint8 images."""
     device = next(model.parameters()).device
     out = torch.empty_like(images)
-    for start in range(0, images.shape[0], PGD_BATCH):
-        clean = to_float(images[start : start + PGD_BATCH].to(device))
-        y = labels[start : start + PGD_BATCH].to(device)
-        low, high = (clean - eps).clamp_(0, 1), (clean + eps).clamp_(0, 1)
-        x = clean
-        for _ in range(steps):
-            x = x.detach().requires_grad_(True)
-            # bfloat16 on CUDA as in training; the sign of the gradient survives the lower precision
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = F.cross_entropy(model(x), y, reduction="sum")
-            # grad of the input only: the model's parameters collect no .grad
-            (grad,) = torch.autograd.grad(loss, x)
-            x = torch.minimum(torch.maximum(x.detach() + step * grad.sign(), low), high)
-        out[start : start + PGD_BATCH] = x.mul_(255).round_().to(torch.uint8).to(images.device)
+    with progress_bar("lc pgd", -(-images.shape[0] // PGD_BATCH), quiet) as bar:
+        for start in range(0, images.shape[0], PGD_BATCH):
+            clean = to_float(images[start : start + PGD_BATCH].to(device))
+            y = labels[start : start + PGD_BATCH].to(device)
+            low, high = (clean - eps).clamp_(0, 1), (clean + eps).clamp_(0, 1)
+            x = clean
+            for _ in range(steps):
+                x = x.detach().requires_grad_(True)
+                # bfloat16 on CUDA as in training; the sign of the gradient survives the lower precision
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    loss = F.cross_entropy(model(x), y, reduction="sum")
+                # grad of the input only: the model's parameters collect no .grad
+                (grad,) = torch.autograd.grad(loss, x)
+                x = torch.minimum(torch.maximum(x.detach() + step * grad.sign(), low), high)
+            out[start : start + PGD_BATCH] = x.mul_(255).round_().to(torch.uint8).to(images.device)
+            bar.update(1)
     return out
 
 
@@ -182,11 +191,13 @@ class LabelConsistent(Attack):
         self.pattern, self.mask = corner_trigger(self.image_shape, patch, p.position, p.margin, p.corners)
         self.surrogate: BackdoorModel | None = None
         self.surrogate_info: dict[str, Any] = {}
+        self.quiet = True  # prepare() takes the caller's choice
 
     def prepare(self, bundle: DataBundle, context: AttackContext) -> None:
         """Train (or load from `context.cache_dir`) the clean surrogate that PGD attacks."""
         self._check_shape(bundle.train)
         p = self.params
+        self.quiet = context.quiet
         self.surrogate, self.surrogate_info = train_surrogate(bundle, context, p.surrogate_model, p.surrogate_epochs)
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
@@ -201,7 +212,8 @@ class LabelConsistent(Attack):
         """PGD against the surrogate, without the patch."""
         if self.surrogate is None:
             raise BdguardError("attack lc needs prepare(bundle, context) first: it perturbs against a clean surrogate")
-        return pgd(self.surrogate, images, labels, self.params.eps, self.params.pgd_step, self.params.steps)
+        p = self.params
+        return pgd(self.surrogate, images, labels, p.eps, p.pgd_step, p.steps, self.quiet)
 
     def poison(self, train: ImageSet) -> PoisonedSet:
         self._check_shape(train)

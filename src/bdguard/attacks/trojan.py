@@ -42,7 +42,7 @@ from bdguard.data.base import DataBundle
 from bdguard.errors import BdguardError
 from bdguard.io import atomic_path
 from bdguard.models import BackdoorModel
-from bdguard.progress import log
+from bdguard.progress import log, progress_bar
 from bdguard.training.surrogate import check_surrogate, train_surrogate
 
 FORMAT = "bdguard-trojan-trigger-v1"
@@ -96,17 +96,20 @@ def optimise_trigger(
     init: torch.Tensor,
     steps: int,
     lr: float,
+    quiet: bool = True,
 ) -> torch.Tensor:
     """Gradient ascent (Adam) on the patch `init` (C, h, w) in [0, 1] to excite `channels`; returns uint8."""
     patch = init.clone().requires_grad_(True)
     optimiser = torch.optim.Adam([patch], lr=lr)
-    for _ in range(steps):
-        loss = -activation(model, stamp(images, patch, *origin), channels)
-        # the gradient of the patch only: the model's parameters collect no .grad
-        (patch.grad,) = torch.autograd.grad(loss, patch)
-        optimiser.step()
-        with torch.no_grad():
-            patch.clamp_(0, 1)
+    with progress_bar("trojan trigger", steps, quiet) as bar:
+        for _ in range(steps):
+            loss = -activation(model, stamp(images, patch, *origin), channels)
+            # the gradient of the patch only: the model's parameters collect no .grad
+            (patch.grad,) = torch.autograd.grad(loss, patch)
+            optimiser.step()
+            with torch.no_grad():
+                patch.clamp_(0, 1)
+            bar.update(1)
     return patch.detach().mul(255).round().to(torch.uint8)
 
 
@@ -159,7 +162,7 @@ class Trojan(Attack):
             channels = select_neurons(model, p.neurons)
             if not context.quiet:
                 log(f"optimising the trojan trigger for neurons {channels} ({p.steps} steps, cached in {path})")
-            patch = optimise_trigger(model, x, channels, self.origin, init.to(device), p.steps, p.lr)
+            patch = optimise_trigger(model, x, channels, self.origin, init.to(device), p.steps, p.lr, context.quiet)
             with torch.no_grad():
                 means = {
                     "clean": activation(model, x, channels),

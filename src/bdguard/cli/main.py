@@ -9,10 +9,12 @@ from pathlib import Path
 from bdguard import __version__
 from bdguard.cli import listing
 from bdguard.cli.analyze import add_analyze_parser
+from bdguard.cli.bench import add_bench_parser
 from bdguard.cli.demo import run_demo
 from bdguard.cli.options import ATTACK_FLAGS, DATA_FLAGS, TRAIN_FLAGS, add_config_flags, add_flags, run_config
 from bdguard.cli.poison import add_poison_parser
 from bdguard.cli.prune import add_prune_parser
+from bdguard.cli.report import add_report_parser
 from bdguard.errors import BdguardError
 
 
@@ -55,8 +57,10 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser, metavar="COMMAND")
 
     add_analyze_parser(sub)
+    add_bench_parser(sub)
     add_poison_parser(sub)
     add_prune_parser(sub)
+    add_report_parser(sub)
 
     train = sub.add_parser("train", help="train a model on a (poisoned) data set, with or without a defense")
     add_flags(train, DATA_FLAGS + ATTACK_FLAGS + TRAIN_FLAGS)
@@ -99,3 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bdguard: interrupted; finished files are kept (continue with --resume)", file=sys.stderr)
         return 130
+
+
+if __name__ == "__main__":  # python -m bdguard.cli.main
+    sys.exit(main())

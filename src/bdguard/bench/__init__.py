@@ -1,0 +1,6 @@
+"""`bdguard bench`: the attack x defense x seed grid of a suite in one resumable command, and its results table."""
+
+from bdguard.bench.config import BenchConfig, load_suite, suite_names
+from bdguard.bench.runner import run_bench
+
+__all__ = ["BenchConfig", "load_suite", "run_bench", "suite_names"]

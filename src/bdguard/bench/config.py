@@ -1,0 +1,144 @@
+"""A bench suite: which attacks meet which defenses over which seeds, and every setting of their runs.
+
+A suite is a plain TOML (or YAML) file, filled into `BenchConfig` by the same machinery as every other config
+(`bdguard.config`): unknown keys and bad values are refused with their names. The shipped suites live in
+`bench/suites/` (`smoke`, `cpu`, `paper`); `--suite` takes one of their names or the path of a copy.
+
+Per cell (attack A, defense D, seed k) the runs' settings are, in this order: the shared sections (`data`,
+`attack`, `train`, `probe`), then `[by_attack.A]` (attack options: target, mode, rate, params) and
+`[by_defense.D]` (the defense's params and `train` settings for its cells: the whole run for a training-time
+defense, the fine-tuning for a post-training one), then the seed: k is the training seed, the attack seed (which
+samples are poisoned, generated triggers) and the probe seed of the cell.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from bdguard.attacks import ATTACKS, AttackConfig
+from bdguard.config import from_dict, load_file, merge, to_dict
+from bdguard.data import DataConfig
+from bdguard.defenses import DEFENSES, DefenseConfig, build_defense
+from bdguard.errors import BdguardError
+from bdguard.models import MODELS
+from bdguard.repair import ProbeConfig
+from bdguard.training import TrainConfig
+
+SUITE_SUFFIXES = (".toml", ".yaml", ".yml")
+
+
+@dataclass
+class SharedAttack:
+    """The attack settings every attack of the suite shares (each may override them in `by_attack`)."""
+
+    target: int = 0
+    mode: Literal["all2one", "all2all"] = "all2one"
+    rate: float = 0.1
+
+
+@dataclass
+class AttackSettings:
+    """`[by_attack.NAME]`: one attack's own settings; unset ones come from the shared `[attack]`."""
+
+    target: int | None = None
+    mode: Literal["all2one", "all2all"] | None = None
+    rate: float | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DefenseSettings:
+    """`[by_defense.NAME]`: the defense's params, and `train` settings over the shared `[train]` for its cells."""
+
+    params: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BenchConfig:
+    name: str = "custom"
+    description: str = ""
+    attacks: list[str] = field(default_factory=lambda: ["badnets"])
+    defenses: list[str] = field(default_factory=lambda: ["none"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    gallery: bool = True  # a poisoning gallery (bdguard poison) per attack, for the report
+    analyze: bool = False  # Grad-CAM and activation norms (bdguard analyze) of every cell's model with a trigger
+    data: DataConfig = field(default_factory=DataConfig)
+    attack: SharedAttack = field(default_factory=SharedAttack)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    by_attack: dict[str, AttackSettings] = field(default_factory=dict)
+    by_defense: dict[str, DefenseSettings] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for kind, names in (("attacks", self.attacks), ("defenses", self.defenses), ("seeds", self.seeds)):
+            if not names:
+                raise BdguardError(f"the suite's {kind} list is empty")
+            if len(set(names)) != len(names):
+                raise BdguardError(f"the suite's {kind} list repeats an entry: {list(names)}")
+        if min(self.seeds) < 0:
+            raise BdguardError(f"seeds must be >= 0, got {list(self.seeds)}")
+        # unknown names and bad options fail here, before any run starts
+        for name in {*self.attacks, *self.by_attack}:
+            ATTACKS.get(name)
+        for name in {*self.defenses, *self.by_defense}:
+            DEFENSES.get(name)
+        MODELS.get(self.train.model)
+        for attack in self.attacks:
+            config = self.attack_config(attack, self.seeds[0])
+            ATTACKS.get(attack).parse_params(config.params)
+        for defense in self.defenses:
+            build_defense(self.defense_config(defense))
+            MODELS.get(self.train_config(defense, self.seeds[0]).model)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BenchConfig:
+        return from_dict(cls, data)
+
+    def attack_config(self, attack: str, seed: int) -> AttackConfig:
+        own = self.by_attack.get(attack, AttackSettings())
+        shared = self.attack
+        return AttackConfig(
+            name=attack,
+            target=shared.target if own.target is None else own.target,
+            mode=shared.mode if own.mode is None else own.mode,
+            rate=shared.rate if own.rate is None else own.rate,
+            seed=seed,
+            params=dict(own.params),
+        )
+
+    def defense_config(self, defense: str) -> DefenseConfig:
+        return DefenseConfig(name=defense, params=dict(self.by_defense.get(defense, DefenseSettings()).params))
+
+    def train_config(self, defense: str, seed: int) -> TrainConfig:
+        own = self.by_defense.get(defense, DefenseSettings()).train
+        prefix = f"by_defense.{defense}.train."
+        return from_dict(TrainConfig, merge(to_dict(self.train), {**own, "seed": seed}), prefix=prefix)
+
+    def probe_config(self, seed: int) -> ProbeConfig:
+        return ProbeConfig(size=self.probe.size, source=self.probe.source, seed=seed)
+
+
+def suite_names() -> list[str]:
+    folder = resources.files("bdguard.bench") / "suites"
+    return sorted(entry.name.removesuffix(".toml") for entry in folder.iterdir() if entry.name.endswith(".toml"))
+
+
+def read_suite(suite: str) -> dict[str, Any]:
+    """The settings of a shipped suite (by name) or of a suite file (by path), as a dict."""
+    path = Path(suite).expanduser()
+    if path.suffix in SUITE_SUFFIXES or path.exists():
+        return load_file(path)
+    if suite not in suite_names():
+        known = ", ".join(suite_names())
+        raise BdguardError(f"unknown suite {suite!r}; known: {known} (or the path of a .toml/.yaml suite file)")
+    with resources.as_file(resources.files("bdguard.bench") / "suites" / f"{suite}.toml") as shipped:
+        return load_file(shipped)
+
+
+def load_suite(suite: str, overrides: dict[str, Any] | None = None) -> BenchConfig:
+    """`read_suite` with `overrides` (a nested dict, e.g. from the command line's flags) merged over it."""
+    return BenchConfig.from_dict(merge(read_suite(suite), overrides or {}))

@@ -1,0 +1,133 @@
+"""A bench's results table: one row per cell from its run's results.json, and mean ± std over seeds.
+
+results.csv (and the `cells` of results.json) has the columns of `COLUMNS`; fractions stay fractions. `ba`, `asr`
+and `ra` are the cell's own: a post-training cell measures them on the test set minus its probe images, a
+training cell on the whole test set; `*_before` is the repaired model before repair, on the post-training cell's
+evaluation set. `tpr`, `fpr` and `auroc` are a detecting defense's (V&B: its poisoned-sample detector's last
+round), `backdoor_flagged` Neural Cleanse's verdict on the model (linf-prune with its reversed trigger,
+neural-cleanse), `pruned_fraction` a pruning defense's share of pruned channels. `seconds` is the cell's wall time
+in the session that finished it (run and analysis).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from bdguard.io import write_text
+
+COLUMNS = (
+    "attack",
+    "defense",
+    "seed",
+    "status",
+    "ba",
+    "asr",
+    "ra",
+    "ba_before",
+    "asr_before",
+    "ra_before",
+    "tpr",
+    "fpr",
+    "auroc",
+    "backdoor_flagged",
+    "pruned_fraction",
+    "dataset",
+    "model",
+    "epochs",
+    "seconds",
+    "folder",
+    "error",
+)
+TIMING = ("seconds",)  # the columns that differ between two runs of the same grid
+SUMMARISED = ("ba", "asr", "ra", "ba_before", "asr_before", "tpr", "fpr", "auroc", "pruned_fraction", "seconds")
+
+
+def cell_row(attack: str, defense: str, seed: int, results: dict[str, Any], seconds: float, folder: str) -> dict:
+    """The table's row of a finished cell, from its run's results.json."""
+    before = results.get("before") or {}
+    detector = results.get("detector") or {}
+    flagged = (results.get("neural_cleanse") or {}).get("backdoored", results.get("backdoored"))
+    row = dict.fromkeys(COLUMNS)
+    row.update(
+        attack=attack,
+        defense=defense,
+        seed=seed,
+        status="done",
+        ba=results.get("ba"),
+        asr=results.get("asr"),
+        ra=results.get("ra"),
+        ba_before=before.get("ba"),
+        asr_before=before.get("asr"),
+        ra_before=before.get("ra"),
+        tpr=detector.get("tpr"),
+        fpr=detector.get("fpr"),
+        auroc=detector.get("auroc"),
+        backdoor_flagged=flagged,
+        pruned_fraction=results.get("pruned_fraction"),
+        dataset=results.get("dataset"),
+        model=results.get("model"),
+        epochs=results.get("epochs"),
+        seconds=round(seconds, 2),
+        folder=folder,
+    )
+    return row
+
+
+def failed_row(attack: str, defense: str, seed: int, folder: str, error: str) -> dict:
+    row = dict.fromkeys(COLUMNS)
+    row.update(attack=attack, defense=defense, seed=seed, status="failed", folder=folder, error=error)
+    return row
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """The mean and the sample standard deviation (None for fewer than two values; both None for none)."""
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def summarise(rows: Iterable[dict]) -> list[dict]:
+    """Per (attack, defense), over its finished seeds: `<metric>_mean` and `<metric>_std` (the sample standard
+    deviation; None for a single seed) of every metric in SUMMARISED, and `seeds`, how many there were."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        if row["status"] == "done":
+            groups.setdefault((row["attack"], row["defense"]), []).append(row)
+    summary = []
+    for (attack, defense), members in groups.items():
+        entry: dict[str, Any] = {"attack": attack, "defense": defense, "seeds": len(members)}
+        for key in SUMMARISED:
+            mean, std = mean_std([row[key] for row in members if row[key] is not None])
+            entry[f"{key}_mean"], entry[f"{key}_std"] = mean, std
+        summary.append(entry)
+    return summary
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def write_csv(path, rows: list[dict], columns: Iterable[str]) -> None:
+    columns = list(columns)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_cell(row.get(key)) for key in columns])
+    write_text(path, buffer.getvalue())
+
+
+def read_csv(path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))

@@ -1,0 +1,234 @@
+"""`bdguard bench` and `bdguard report` end to end on the `smoke` suite (synthetic data, small CNNs, about a minute
+on one core): the grid's folders and table, a bench killed part-way and resumed to the same results.csv, and the
+report rendered by headless Chromium. The uninterrupted smoke run is made once and shared."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import bdguard
+from bdguard.attacks import AttackConfig, build_attack
+from bdguard.attacks.store import load_poisoned, poison_key, store_poisoned
+from bdguard.bench import load_suite
+from bdguard.bench.grid import plan
+from bdguard.bench.results import TIMING, read_csv, summarise
+from bdguard.config import load_file
+from bdguard.data import DataConfig, load_dataset
+from bdguard.io import read_json
+from bdguard.pipeline import RunConfig
+from bdguard.repair import PruneConfig
+from cli_helpers import assert_one_line_error, run_cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SMOKE = ["bench", "--suite", "smoke", "--quiet"]
+CELLS = [
+    (attack, defense) for attack in ("badnets", "blended") for defense in ("none", "vab", "linf-prune", "fine-pruning")
+]
+
+
+@pytest.fixture(scope="module")
+def smoke_bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "smoke"
+    from bdguard.cli.main import main
+
+    assert main([*SMOKE, "--out", str(out)]) == 0
+    return out
+
+
+def _without_timing(path: Path) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in read_csv(path)]
+
+
+def test_smoke_bench_writes_one_row_per_cell_and_reuses_shared_work(smoke_bench):
+    rows = read_csv(smoke_bench / "results.csv")
+    assert [(r["attack"], r["defense"]) for r in rows] == CELLS
+    assert {r["status"] for r in rows} == {"done"} and {r["seed"] for r in rows} == {"0"}
+    cell = {(r["attack"], r["defense"]): r for r in rows}
+    assert float(cell["badnets", "none"]["asr"]) > 0.9 and float(cell["badnets", "none"]["ba"]) > 0.9
+    assert float(cell["badnets", "vab"]["asr"]) < 0.2  # V&B removes the patch backdoor
+    vab = cell["badnets", "vab"]
+    assert float(vab["tpr"]) > 0.9 and float(vab["auroc"]) > 0.8 and vab["pruned_fraction"] == ""
+    for defense in ("linf-prune", "fine-pruning"):
+        pruned = cell["badnets", defense]
+        assert 0 < float(pruned["pruned_fraction"]) < 1 and pruned["tpr"] == ""
+        assert float(pruned["asr_before"]) == pytest.approx(float(cell["badnets", "none"]["asr"]), abs=0.05)
+    assert float(cell["badnets", "linf-prune"]["asr"]) < 0.5
+
+    results = read_json(smoke_bench / "results.json")
+    assert results["suite"] == "smoke" and len(results["cells"]) == 8 and len(results["summary"]) == 8
+    assert results["summary"][0]["seeds"] == 1 and results["summary"][0]["ba_std"] is None
+    assert (smoke_bench / "summary.csv").exists()
+
+    # post-training cells repair the `none` model of their attack; both training cells read one stored poisoned set
+    config = load_suite("smoke")
+    steps = {(s.attack, s.defense): s for s in plan(config, smoke_bench)}
+    repaired = read_json(smoke_bench / "cells/badnets/linf-prune/seed0/results.json")
+    assert Path(repaired["model_path"]) == smoke_bench / "cells/badnets/none/seed0/model.safetensors"
+    assert len(list((smoke_bench / "poisoned-sets").glob("*/manifest.json"))) == 2
+
+    # each cell's run.yaml gives back its settings, and cell.json the commands that redo it from them
+    for (attack, defense), step in steps.items():
+        assert (step.folder / "cell.json").exists()
+        settings = load_file(step.folder / "run.yaml")
+        loaded = (PruneConfig if step.kind == "repair" else RunConfig).from_dict(settings)
+        assert loaded == step.config, (attack, defense)
+        assert read_json(step.folder / "cell.json")["commands"] == step.commands()
+    record = read_json(smoke_bench / "cells/badnets/fine-pruning/seed0/cell.json")
+    assert record["commands"][0].startswith("bdguard prune --model ") and "analyze" in record["commands"][1]
+    for attack in ("badnets", "blended"):
+        assert (smoke_bench / "poison" / attack / "gallery.png").read_bytes()[:4] == b"\x89PNG"
+        assert (smoke_bench / "cells" / attack / "vab/seed0/analysis/gradcam.png").exists()
+
+
+def test_a_killed_bench_resumes_to_the_same_results(smoke_bench, tmp_path, capsys):
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(bdguard.__file__).parents[1]), *sys.path])}
+    command = [sys.executable, "-m", "bdguard.cli.main", *SMOKE, "--out", str(out)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first, training = out / "cells/badnets/none/seed0/cell.json", out / "cells/badnets/vab/seed0/checkpoint.pt"
+    deadline = time.monotonic() + 300
+    try:
+        # kill it in the middle of the second cell (V&B), once that has written a checkpoint
+        while not (first.exists() and training.exists()):
+            assert process.poll() is None, "the bench ended before it could be killed"
+            assert time.monotonic() < deadline, "the bench made no progress in 5 minutes"
+            time.sleep(0.2)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    assert not (out / "cells/badnets/vab/seed0/cell.json").exists()
+
+    code, printed, err = run_cli(capsys, *SMOKE, "--out", str(out))
+    assert code == 0, err
+    assert "steps already finished" in err and "resuming" in err
+    assert _without_timing(out / "results.csv") == _without_timing(smoke_bench / "results.csv")
+
+
+def test_a_finished_bench_is_skipped_and_other_settings_are_refused(smoke_bench, capsys):
+    code, printed, err = run_cli(capsys, *SMOKE, "--out", str(smoke_bench))
+    assert code == 0 and "10 of 10 steps already finished" in err and "badnets" in printed
+
+    code, _, err = run_cli(capsys, *SMOKE, "--set", "train.lr=0.1", "--out", str(smoke_bench))
+    assert_one_line_error(code, err, "made with other settings")
+
+
+def _chromium() -> str | None:
+    """A headless Chromium: found on PATH, else installed from Debian's `chromium` package where we are root."""
+    names = ("chromium", "chromium-browser", "google-chrome")
+
+    def find() -> str | None:
+        return next((shutil.which(name) for name in names if shutil.which(name)), None)
+
+    if find() is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        install = ["apt-get", "install", "-y", "-q", "chromium"]
+        if subprocess.run(install, capture_output=True, timeout=900, check=False).returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True, timeout=900, check=False)
+            subprocess.run(install, capture_output=True, timeout=900, check=False)
+    return find()
+
+
+def test_the_report_is_one_self_contained_page_that_renders(smoke_bench, tmp_path, capsys):
+    report = tmp_path / "report.html"
+    run = smoke_bench / "cells/badnets/linf-prune/seed0"  # a run folder beside the bench: its own matrix
+    code, printed, err = run_cli(capsys, "report", str(smoke_bench), str(run), "--out", str(report))
+    assert code == 0, err
+    page = report.read_text()
+    assert 'id="matrix-1"' in page and 'id="matrix-2"' in page and page.count("<details") == 9
+    assert "<script" not in page and 'src="http' not in page and 'href="http' not in page  # nothing from a network
+    assert page.count('src="data:image/png;base64,') >= 8 * 3 + 2  # per cell: curves and analysis; galleries
+    for text in ("badnets", "fine-pruning", "bdguard prune --model", "torch ", "Trigger galleries", "V&amp;B detector"):
+        assert text in page, text
+
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("headless Chromium is not installed and could not be installed (apt-get install chromium)")
+    shot = tmp_path / "shot.png"
+    argv = [chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}", "--window-size=1280,2000"]
+    subprocess.run([*argv, report.as_uri()], capture_output=True, timeout=120, check=False)
+    assert shot.exists(), "Chromium wrote no screenshot"
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
+    assert pixels.shape == (2000, 1280, 3)
+    assert pixels.std() > 20 and (pixels.mean(axis=2) < 200).mean() > 0.05  # not blank: text, tables, images
+    hue_red = (pixels[..., 0] > 200) & (pixels[..., 1] < 190) & (pixels[..., 2] < 190)
+    hue_green = (pixels[..., 1] > 200) & (pixels[..., 0] < 210) & (pixels[..., 2] < 190)
+    assert hue_red.sum() > 500 and hue_green.sum() > 500  # the colour-coded matrix is drawn
+
+
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
+    cases = [
+        (["--suite", "nosuch"], "unknown suite 'nosuch'; known: cpu, paper, smoke"),
+        (["--suite", "smoke", "--attacks", "badnet"], "unknown attack 'badnet'"),
+        (["--suite", "smoke", "--defenses", "vab,pruning"], "unknown defense 'pruning'"),
+        (["--suite", "smoke", "--seeds", "two"], "--seeds takes a count"),
+        (["--suite", "smoke", "--set", "by_attack.badnets.params.patch=2"], "unknown setting 'badnets.patch'"),
+        (["--suite", "smoke", "--set", "by_defense.vab.train.epochs=0"], "train.epochs must be in [1, inf]"),
+        (["--suite", "smoke", "--set", "probe.size=500"], "probe.size 500 leaves no test images"),
+        (["--suite", str(tmp_path / "missing.toml")], "config file not found"),
+    ]
+    for flags, message in cases:
+        code, _, err = run_cli(capsys, "bench", *flags, "--out", str(tmp_path / "out"))
+        assert_one_line_error(code, err, message)
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(capsys, "report", str(tmp_path / "empty"), "--out", str(tmp_path / "r.html"))
+    assert_one_line_error(code, err, "holds no results")
+
+
+def test_a_post_training_defense_brings_in_its_undefended_model():
+    config = load_suite("smoke", {"defenses": ["fine-pruning"], "seeds": [3, 5], "attacks": ["badnets"]})
+    steps = plan(config, "out")
+    assert [s.label for s in steps] == [
+        "badnets gallery",
+        "badnets / none / seed 3",
+        "badnets / fine-pruning / seed 3",
+        "badnets / none / seed 5",
+        "badnets / fine-pruning / seed 5",
+    ]
+    repair = steps[2]
+    assert repair.source == Path("out/cells/badnets/none/seed3/model.safetensors")
+    assert repair.config.train.seed == 3 and repair.config.attack.seed == 3 and repair.config.probe.seed == 3
+    assert repair.config.defense.params == {"finetune_epochs": 2}
+    assert steps[1].config.train.epochs == 3 and steps[1].fingerprint != steps[3].fingerprint
+
+
+def test_summary_is_mean_and_sample_std_over_seeds():
+    rows = [
+        {"attack": "a", "defense": "d", "status": "done", "ba": 0.5, "asr": 0.1, "tpr": None, "seconds": 1.0},
+        {"attack": "a", "defense": "d", "status": "done", "ba": 0.7, "asr": 0.3, "tpr": None, "seconds": 3.0},
+        {"attack": "a", "defense": "d", "status": "failed", "ba": None, "asr": None, "tpr": None, "seconds": None},
+    ]
+    rows = [
+        {key: row.get(key) for key in (*row, "ra", "ba_before", "asr_before", "fpr", "auroc", "pruned_fraction")}
+        for row in rows
+    ]
+    (entry,) = summarise(rows)
+    assert entry["seeds"] == 2 and entry["ba_mean"] == pytest.approx(0.6)
+    assert entry["ba_std"] == pytest.approx(0.1414, abs=1e-4) and entry["asr_std"] == pytest.approx(0.1414, abs=1e-4)
+    assert entry["tpr_mean"] is None and entry["tpr_std"] is None
+
+
+def test_a_stored_poisoned_set_reads_back_exactly(tmp_path):
+    bundle = load_dataset(DataConfig(dataset="synthetic"))
+    config = AttackConfig(name="wanet", rate=0.1)  # poisoned and cross samples
+    poisoned = build_attack(config, 10, bundle.image_shape).poison(bundle.train)
+    key = poison_key(bundle.name, bundle.train, config)
+    assert key != poison_key(bundle.name, bundle.train, AttackConfig(name="wanet", rate=0.1, seed=1))
+    assert load_poisoned(tmp_path / key, key, bundle.train) is None
+    store_poisoned(tmp_path / key, key, poisoned)
+    loaded = load_poisoned(tmp_path / key, key, bundle.train)
+    assert torch.equal(loaded.train.images, poisoned.train.images)
+    assert torch.equal(loaded.train.labels, poisoned.train.labels)
+    assert torch.equal(loaded.poison_mask, poisoned.poison_mask) and torch.equal(loaded.cross_mask, poisoned.cross_mask)
+    assert loaded.manifest == poisoned.manifest and int(poisoned.cross_mask.sum()) > 0
+    (tmp_path / key / "images.npy").write_bytes(b"damaged")
+    assert load_poisoned(tmp_path / key, key, bundle.train) is None  # rebuilt, not trusted
