@@ -143,5 +143,6 @@ def gradcam_grid(rows: list[list[Cell]], columns: Sequence[GridColumn], path: st
             ax.set_yticks([])
             if c == 0:
                 ax.set_ylabel(cell.model, fontsize=9)
-    figure.suptitle("Grad-CAM, last feature map (focus: CAM density on the trigger region; 1 = uniform)", fontsize=9)
+    # two lines: a two-column grid is narrower than the title in one
+    figure.suptitle("Grad-CAM, last feature map\n(focus: CAM density on the trigger region; 1 = uniform)", fontsize=9)
     write_figure(figure, path)
