@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -90,7 +92,11 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, monkeyp
     assert not (tmp_path / "resumed" / "model.safetensors").exists()
     with pytest.raises(BdguardError, match="--resume"):
         run_train(config, tmp_path / "resumed", quiet=True)
-    run_train(config, tmp_path / "resumed", resume=True, quiet=True)
+    spent = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["elapsed"]
+    results = run_train(config, tmp_path / "resumed", resume=True, quiet=True)
+    # the run's seconds count the first invocation's (up to its checkpoint) as well as the second's
+    rows = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert results["seconds"] >= spent + sum(row["seconds"] for row in rows[1:]) and spent >= rows[0]["seconds"]
 
     a = load_file(tmp_path / "straight" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "model.safetensors")

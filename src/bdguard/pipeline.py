@@ -27,6 +27,7 @@ from bdguard.models import MODELS, ModelMeta, load_model, save_model
 from bdguard.progress import log
 from bdguard.training import TrainConfig, evaluate, resolve_device
 from bdguard.training.factory import model_meta, new_model
+from bdguard.training.trainer import RunClock
 
 
 @dataclass
@@ -125,7 +126,7 @@ def run_train(
     device = resolve_device(config.train.device)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
-    began = time.perf_counter()
+    clock = RunClock()
     store = Path(poison_store) if poison_store is not None else None
     bundle, attack, poisoned, triggered = _poisoned_data(config, device, quiet, store)
     out.mkdir(parents=True, exist_ok=True)
@@ -148,6 +149,7 @@ def run_train(
         fingerprint=fingerprint(config),
         resume=resume,
         quiet=quiet,
+        clock=clock,
     )
     model, extra = defense.train(job)
     extra_meta = {"attack": to_dict(config.attack), "defense": to_dict(config.defense), "train": to_dict(config.train)}
@@ -160,7 +162,7 @@ def run_train(
         "defense": config.defense.name,
         "model": config.train.model,
         "epochs": config.train.epochs,
-        "seconds": round(time.perf_counter() - began, 2),
+        "seconds": round(clock.elapsed(), 2),  # summed over resumed invocations
         "poisoned": poisoned.manifest["poisoned"],
         "train_size": len(poisoned.train),
         "target": config.attack.target if attack.has_trigger else None,

@@ -17,6 +17,7 @@ from bdguard.data.base import DataBundle, ImageSet
 from bdguard.models.base import BackdoorModel
 from bdguard.training.config import TrainConfig
 from bdguard.training.metrics import Evaluator
+from bdguard.training.trainer import RunClock
 
 
 @dataclass
@@ -45,6 +46,7 @@ class TrainingJob:
     fingerprint: str
     resume: bool
     quiet: bool
+    clock: RunClock = field(default_factory=RunClock)  # checkpoints keep its time, a resumed run takes it back
 
 
 class Defense(ABC):

@@ -20,5 +20,5 @@ class NoDefense(TrainingDefense):
         model = job.new_model()
         steps = steps_per_epoch(len(job.poisoned.train), job.train.batch_size)
         trainer = Trainer(model, job.train, job.device, make_augment(job.train, job.bundle.flip), steps)
-        fit(trainer, job.poisoned.train, job.evaluate, job.run_dir, job.fingerprint, job.resume, job.quiet)
+        fit(trainer, job.poisoned.train, job.evaluate, job.run_dir, job.fingerprint, job.resume, job.quiet, job.clock)
         return model, {}

@@ -66,6 +66,18 @@ def make_augment(config: TrainConfig, dataset_flip: bool) -> Augment | None:
     return Augment(config.crop_padding, dataset_flip if config.flip is None else config.flip)
 
 
+@dataclass
+class RunClock:
+    """Wall seconds of a run summed over its invocations: what earlier ones had spent when they wrote their last
+    checkpoint (kept in it as "elapsed"), plus this one's time so far. Work an interruption lost is not counted."""
+
+    before: float = 0.0
+    began: float = field(default_factory=time.perf_counter)
+
+    def elapsed(self) -> float:
+        return self.before + time.perf_counter() - self.began
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     write_with(path, lambda handle: torch.save(state, handle))
 
@@ -156,12 +168,15 @@ def fit(
     fingerprint: str = "",
     resume: bool = False,
     quiet: bool = False,
+    clock: RunClock | None = None,
 ) -> list[dict[str, Any]]:
     """Train for `config.epochs`, evaluating after each epoch; returns one metrics row per epoch.
 
     With `run_dir`, every epoch leaves `checkpoint.pt` and `metrics.jsonl` consistent with each other, and
-    `resume=True` continues from the checkpoint to the same weights as an uninterrupted run.
+    `resume=True` continues from the checkpoint to the same weights as an uninterrupted run (and `clock` from the
+    time the checkpoint records).
     """
+    clock = clock or RunClock()
     config = trainer.config
     history: list[dict[str, Any]] = []
     start = 1
@@ -171,6 +186,7 @@ def fit(
         trainer.load_state_dict(state["trainer"])
         history = list(state["history"])
         start = int(state["epoch"]) + 1
+        clock.before = float(state.get("elapsed", 0.0))
         log(f"resuming after epoch {start - 1} from {checkpoint}")
     for epoch in range(start, config.epochs + 1):
         began = time.perf_counter()
@@ -182,7 +198,13 @@ def fit(
         history.append(row)
         log(_summary(row, config.epochs))
         if checkpoint is not None:
-            state = {"trainer": trainer.state_dict(), "epoch": epoch, "history": history, "fingerprint": fingerprint}
+            state = {
+                "trainer": trainer.state_dict(),
+                "epoch": epoch,
+                "history": history,
+                "fingerprint": fingerprint,
+                "elapsed": clock.elapsed(),
+            }
             save_checkpoint(checkpoint, state)
             write_jsonl(run_dir / "metrics.jsonl", history)
     return history

@@ -239,6 +239,7 @@ class _VabRun:
             "rounds": self.rounds,
             "snapshots": self.snapshots,
             "seconds": self.seconds,
+            "elapsed": self.job.clock.elapsed(),
         }
         save_checkpoint(self.checkpoint, state)
         write_jsonl(self.checkpoint.parent / "metrics.jsonl", self.history)
@@ -258,6 +259,7 @@ class _VabRun:
         self.rounds = list(state["rounds"])
         self.snapshots = dict(state["snapshots"])
         self.seconds = dict(state["seconds"])
+        self.job.clock.before = float(state.get("elapsed", 0.0))
 
     def _finish(self) -> dict[str, Any]:
         run_dir = self.job.run_dir
