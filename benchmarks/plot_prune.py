@@ -2,7 +2,8 @@
 
 python benchmarks/plot_prune.py runs/cifar-cpu-prune badnets benchmarks/figures/prune-cifar-badnets.png
 
-Reads FOLDER/ATTACK-*/curve.jsonl (written by `bdguard prune`); CLP and Neural Cleanse write no such curve.
+Reads FOLDER/ATTACK-*/curve.jsonl (written by `bdguard prune`). Neural Cleanse writes no curve, and CLP's sweeps its
+threshold u over the channels of every conv layer, so it is left out: its x-axis would mean something else.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ def main() -> None:
     figure = new_figure(11, 4)
     ba_axes, asr_axes = figure.subplots(1, 2, sharex=True)
     for path in sorted(args.folder.glob(f"{args.attack}-*/curve.jsonl")):
+        if json.loads((path.parent / "results.json").read_text())["defense"] == "clp":
+            continue
         points = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         points = [p for p in points if "fraction" in p and p.get("ba") is not None]
         if not points:
