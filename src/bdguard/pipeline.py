@@ -79,10 +79,11 @@ def _check_out_dir(out: Path, resume: bool) -> None:
 
 
 def _poisoned_data(
-    config: RunConfig, device: torch.device, quiet: bool, store: Path | None = None
+    config: RunConfig, device: torch.device, quiet: bool, poison_store: str | Path | None = None
 ) -> tuple[DataBundle, Attack, PoisonedSet, TriggeredSet | None]:
-    """Load the data, prepare the attack on it, poison the training set (or read it from `store`, a folder of
+    """Load the data, prepare the attack on it, poison the training set (or read it from `poison_store`, a folder of
     stored poisoned sets) and trigger the test set."""
+    store = None if poison_store is None else Path(poison_store)
     bundle = prepare_data(config.data, device)
     attack = build_attack(config.attack, bundle.num_classes, bundle.image_shape)
     attack.prepare(bundle, AttackContext(device, config.data.cache_path(), quiet))
@@ -127,8 +128,7 @@ def run_train(
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     clock = RunClock()
-    store = Path(poison_store) if poison_store is not None else None
-    bundle, attack, poisoned, triggered = _poisoned_data(config, device, quiet, store)
+    bundle, attack, poisoned, triggered = _poisoned_data(config, device, quiet, poison_store)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", {"config": to_dict(config), "environment": environment()})
     write_json(out / "attack.json", poisoned.manifest)
@@ -206,8 +206,7 @@ def run_poison(
     device = resolve_device(config.train.device)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
-    store = Path(poison_store) if poison_store is not None else None
-    bundle, attack, poisoned, triggered = _poisoned_data(config, device, quiet, store)
+    bundle, attack, poisoned, triggered = _poisoned_data(config, device, quiet, poison_store)
     # Imported here: matplotlib is slow to import and only this command draws.
     from bdguard.reporting.gallery import poison_gallery, write_figure
 
