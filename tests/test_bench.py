@@ -167,7 +167,7 @@ def test_the_report_is_one_self_contained_page_that_renders(smoke_bench, tmp_pat
 
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
     cases = [
-        (["--suite", "nosuch"], "unknown suite 'nosuch'; known: cpu, paper, smoke"),
+        (["--suite", "nosuch"], "unknown suite 'nosuch'; known: cifar-cpu, cpu, paper, smoke"),
         (["--suite", "smoke", "--attacks", "badnet"], "unknown attack 'badnet'"),
         (["--suite", "smoke", "--defenses", "vab,pruning"], "unknown defense 'pruning'"),
         (["--suite", "smoke", "--seeds", "two"], "--seeds takes a count"),

@@ -108,11 +108,12 @@ def test_demo_trains_prunes_and_prints_one_table(tmp_path, capsys, monkeypatch):
 
     def tiny(defense):  # the demo's flow on the synthetic set, so the test runs in seconds
         config = demo_config(defense)
+        params = {"preset": "smoke"} if config.defense.params else {}  # V&B's settings for the synthetic set
         return RunConfig.from_dict(
             {
                 "data": {"dataset": "synthetic"},
                 "attack": {"name": "badnets", "rate": 0.1, "params": {"patch_size": 4}},
-                "defense": {"name": config.defense.name},
+                "defense": {"name": config.defense.name, "params": params},
                 "train": {"model": config.train.model, "epochs": 1, "batch_size": 64, "threads": 2},
             }
         )
@@ -133,9 +134,18 @@ def test_demo_trains_prunes_and_prints_one_table(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(demo, "repair_config", tiny_repair)
     code, out, _ = run_cli(capsys, "demo", "--out", str(tmp_path), "--quiet")
     assert code == 0
-    assert "BA" in out and "ASR" in out and "none + linf-prune " in out and "none + linf-prune-oracle" in out
+    assert all(column in out for column in demo.COLUMNS)
+    cells = [line.split() for line in out.splitlines()]
+    rows = {" ".join(c[:-7]): c[-7:] for c in cells if len(c) > 7 and c[-1].isdigit()}  # label: BA ... seconds
+    assert set(rows) == {"none", "vab", "none + linf-prune", "none + linf-prune-oracle"}
     trained = json.loads((tmp_path / "none" / "results.json").read_text())
     assert trained["attack"] == "badnets" and trained["asr"] > 0.5
+    vab = json.loads((tmp_path / "vab" / "results.json").read_text())
+    assert rows["vab"][3:5] == [f"{vab['detector']['tpr']:.1%}", f"{vab['detector']['fpr']:.1%}"]
+    assert rows["none"][3:5] == ["—", "—"]  # no detector
+    assert json.loads((tmp_path / "vab" / "attack.json").read_text()) == json.loads(
+        (tmp_path / "none" / "attack.json").read_text()
+    )  # both rows train on the same poisoned samples
     for folder, trigger in (("linf-prune", "reverse"), ("linf-prune-oracle", "oracle")):
         report = json.loads((tmp_path / folder / "pruning.json").read_text())
         assert report["trigger"] == trigger
@@ -150,6 +160,7 @@ def test_demo_trains_prunes_and_prints_one_table(tmp_path, capsys, monkeypatch):
 
 def test_the_demo_settings_are_the_documented_ones():
     from bdguard.cli import demo
+    from bdguard.defenses.vab import PRESETS
 
     config = demo.demo_config("none")
     assert (config.data.dataset, config.data.train_size) == ("fashion-mnist", 20_000)
@@ -159,6 +170,9 @@ def test_the_demo_settings_are_the_documented_ones():
         "small-cnn",
         3,
     )
+    vab = demo.demo_config("vab")
+    assert (vab.data, vab.attack) == (config.data, config.attack) and vab.defense.params == {"preset": "demo"}
+    assert vab.train == config.train and PRESETS["demo"].epochs == config.train.epochs
     # as a defender runs it (reversed trigger, auto budget), and with the real trigger
     assert [(d, p) for _, d, p in demo.DEMO_REPAIRS] == [("linf-prune", {}), ("linf-prune", {"trigger": "oracle"})]
     assert demo.repair_config("linf-prune", {}).data == config.data

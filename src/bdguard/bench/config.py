@@ -2,7 +2,7 @@
 
 A suite is a plain TOML (or YAML) file, filled into `BenchConfig` by the same machinery as every other config
 (`bdguard.config`): unknown keys and bad values are refused with their names. The shipped suites live in
-`bench/suites/` (`smoke`, `cpu`, `paper`); `--suite` takes one of their names or the path of a copy.
+`bench/suites/` (`smoke`, `cpu`, `cifar-cpu`, `paper`); `--suite` takes one of their names or the path of a copy.
 
 Per cell (attack A, defense D, seed k) the runs' settings are, in this order: the shared sections (`data`,
 `attack`, `train`, `probe`), then `[by_attack.A]` (attack options: target, mode, rate, params) and

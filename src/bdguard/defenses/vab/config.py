@@ -32,6 +32,13 @@ PRESETS: dict[str, Preset] = {
         {"victim_model": "same"},
         "the rescaled schedule for a CPU: --epochs 30 with a small model (e.g. --model small-cnn), Victim alike",
     ),
+    # `bdguard demo` and the `cpu` bench suite: 20,000 Fashion-MNIST images, 3 epochs. The step milestones of a long
+    # run would leave the Beneficiary one epoch at full lr; here the lr drops once, for the last (stage B) epoch.
+    "demo": Preset(
+        3,
+        {"victim_model": "same", "milestones": (0.75,)},
+        "`bdguard demo`: --dataset fashion-mnist --train-size 20000 --model small-cnn --epochs 3",
+    ),
     # 31 Victim steps per epoch: the trigger is learned in the first epoch, the classes not yet by heart
     "smoke": Preset(
         4,

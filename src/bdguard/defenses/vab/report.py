@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from bdguard.attacks.base import PoisonedSet
-from bdguard.io import write_text, write_with
+from bdguard.io import write_text
 
 HIST_BINS = 40
 
@@ -81,15 +81,13 @@ def plot_entropy_hist(path: Path, snapshots: Mapping[int, dict[str, Any]], poiso
     """One panel per key scoring round: normalised entropy of clean, poisoned (and cross) samples, each group
     as shares of itself, so a small poisoned group stays visible."""
     # imported here: matplotlib is slow to import and only the end of a run draws
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from bdguard.reporting.gallery import new_figure, write_figure
 
     poison = poisoned.poison_mask.cpu().numpy()
     cross = poisoned.cross_mask.cpu().numpy()
     groups = [("clean", ~poison & ~cross, "tab:blue"), ("poisoned", poison, "tab:red"), ("cross", cross, "tab:green")]
     rounds = sorted(snapshots)
-    figure = Figure(figsize=(3.2 * len(rounds), 2.8), layout="constrained")
-    FigureCanvasAgg(figure)  # render with Agg whatever backend the caller's matplotlib has chosen
+    figure = new_figure(3.2 * len(rounds), 2.8)
     axes = figure.subplots(1, len(rounds), squeeze=False)[0]
     bins = np.linspace(0.0, 1.0, HIST_BINS + 1)
     for ax, number in zip(axes, rounds, strict=True):
@@ -107,4 +105,4 @@ def plot_entropy_hist(path: Path, snapshots: Mapping[int, dict[str, Any]], poiso
         ax.set_xlabel("normalised entropy")
     axes[0].set_ylabel("share of group")
     axes[0].legend(fontsize=7)
-    write_with(path, lambda handle: figure.savefig(handle, format="png", dpi=100))
+    write_figure(figure, path)
