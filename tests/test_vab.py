@@ -282,3 +282,9 @@ def test_params_presets_and_validation():
     ):
         with pytest.raises(BdguardError, match=match):
             VabParams.from_settings(bad)
+
+
+def test_the_demo_preset_drops_the_lr_once_before_its_stage_b_epoch():
+    schedule = make_schedule(PRESETS["demo"].epochs, VabParams.from_settings({"preset": "demo"}))
+    assert (schedule.epochs, schedule.stage_a, schedule.lr_drops) == (3, 2, (3,))
+    assert schedule.lr_factor(2, 0.1) == 1.0 and schedule.lr_factor(3, 0.1) == pytest.approx(0.1)
