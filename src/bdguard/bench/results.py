@@ -5,8 +5,9 @@ and `ra` are the cell's own: a post-training cell measures them on the test set 
 training cell on the whole test set; `*_before` is the repaired model before repair, on the post-training cell's
 evaluation set. `tpr`, `fpr` and `auroc` are a detecting defense's (V&B: its poisoned-sample detector's last
 round), `backdoor_flagged` Neural Cleanse's verdict on the model (linf-prune with its reversed trigger,
-neural-cleanse), `pruned_fraction` a pruning defense's share of pruned channels. `seconds` is the cell's wall time
-in the session that finished it (run and analysis).
+neural-cleanse), `pruned_fraction` a pruning defense's share of pruned channels. `seconds` is the run's own wall
+time over all its invocations (its results.json), so a resumed cell counts its earlier sessions too; the cell's wall
+time in the session that finished it where the run records none.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def cell_row(attack: str, defense: str, seed: int, results: dict[str, Any], seco
         dataset=results.get("dataset"),
         model=results.get("model"),
         epochs=results.get("epochs"),
-        seconds=round(seconds, 2),
+        seconds=round(results.get("seconds", seconds), 2),
         folder=folder,
     )
     return row
