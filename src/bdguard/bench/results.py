@@ -6,8 +6,7 @@ training cell on the whole test set; `*_before` is the repaired model before rep
 evaluation set. `tpr`, `fpr` and `auroc` are a detecting defense's (V&B: its poisoned-sample detector's last
 round), `backdoor_flagged` Neural Cleanse's verdict on the model (linf-prune with its reversed trigger,
 neural-cleanse), `pruned_fraction` a pruning defense's share of pruned channels. `seconds` is the run's own wall
-time over all its invocations (its results.json), so a resumed cell counts its earlier sessions too; the cell's wall
-time in the session that finished it where the run records none.
+time (its results.json's, which sums the invocations of a resumed run), the figure the report shows too.
 """
 
 from __future__ import annotations
@@ -47,7 +46,7 @@ TIMING = ("seconds",)  # the columns that differ between two runs of the same gr
 SUMMARISED = ("ba", "asr", "ra", "ba_before", "asr_before", "tpr", "fpr", "auroc", "pruned_fraction", "seconds")
 
 
-def cell_row(attack: str, defense: str, seed: int, results: dict[str, Any], seconds: float, folder: str) -> dict:
+def cell_row(attack: str, defense: str, seed: int, results: dict[str, Any], folder: str) -> dict:
     """The table's row of a finished cell, from its run's results.json."""
     before = results.get("before") or {}
     detector = results.get("detector") or {}
@@ -72,7 +71,7 @@ def cell_row(attack: str, defense: str, seed: int, results: dict[str, Any], seco
         dataset=results.get("dataset"),
         model=results.get("model"),
         epochs=results.get("epochs"),
-        seconds=round(results.get("seconds", seconds), 2),
+        seconds=results["seconds"],
         folder=folder,
     )
     return row

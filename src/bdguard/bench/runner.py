@@ -193,7 +193,7 @@ def run_bench(config: BenchConfig, out: str | Path, quiet: bool = False) -> dict
             }
             if step.is_cell:
                 folder = _relative(step.folder, out)
-                record["row"] = cell_row(step.attack, step.defense, step.seed, results, seconds, folder)
+                record["row"] = cell_row(step.attack, step.defense, step.seed, results, folder)
             write_json(step.folder / DONE, record)
             grid.finished(_message(step, results))
             write_results(config, steps, out)
