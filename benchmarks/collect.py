@@ -2,6 +2,7 @@
 
 python benchmarks/collect.py runs/cifar-cpu            # training runs
 python benchmarks/collect.py --prune runs/cifar-cpu-prune  # repairs: before/after, and the best ASR on the curve
+python benchmarks/collect.py --ratio runs/vab-ablation/fmnist-badnets  # V&B's ablation: time ratio to `none`, stages
 """
 
 from __future__ import annotations
@@ -60,11 +61,43 @@ def prune_row(folder: Path, results: dict) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+STAGES = ("warm_up", "stage_a", "stage_b", "victim", "evaluation")
+
+
+def ratio_row(name: str, results: dict, undefended: dict | None) -> str:
+    """A V&B ablation row: BA/ASR, the split's detection figures, seconds, their ratio to the undefended run of the
+    same folder, and V&B's seconds by stage."""
+    detector = results.get("detector") or {}
+    stages = results.get("seconds_by_stage") or {}
+    ratio = "—" if undefended is None else f"{results['seconds'] / undefended['seconds']:.2f}"
+    cells = [
+        name,
+        share(results["ba"]),
+        share(results["asr"]),
+        share(detector.get("tpr")),
+        share(detector.get("fpr")),
+        "—" if detector.get("auroc") is None else f"{detector['auroc']:.3f}",
+        f"{results['seconds']:.0f}",
+        ratio,
+        " / ".join(f"{stages[key]:.0f}" for key in STAGES) if stages else "—",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path)
     parser.add_argument("--prune", action="store_true", help="the folder holds `bdguard prune` runs")
+    parser.add_argument("--ratio", action="store_true", help="V&B ablation: seconds against the `none` run beside")
     args = parser.parse_args()
+    if args.ratio:
+        found = sorted(args.folder.glob("*/results.json"))
+        runs = {path.parent.name: json.loads(path.read_text()) for path in found}
+        print("| variant | BA % | ASR % | TPR % | FPR % | AUROC | seconds | ÷ none | s: warm-up/A/B/Victim/eval |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for name, results in runs.items():
+            print(ratio_row(name, results, runs.get("none")))
+        return
     if args.prune:
         print("| run | defense | trigger | k | BA % | ASR % | RA % | ASR % at BA drop ≤ 2 | ≤ 5 (curve) | seconds |")
         print("|---|---|---|---|---|---|---|---|---|---|")

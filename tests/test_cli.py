@@ -160,7 +160,6 @@ def test_demo_trains_prunes_and_prints_one_table(tmp_path, capsys, monkeypatch):
 
 def test_the_demo_settings_are_the_documented_ones():
     from bdguard.cli import demo
-    from bdguard.defenses.vab import PRESETS
 
     config = demo.demo_config("none")
     assert (config.data.dataset, config.data.train_size) == ("fashion-mnist", 20_000)
@@ -168,11 +167,11 @@ def test_the_demo_settings_are_the_documented_ones():
         "badnets",
         0.1,
         "small-cnn",
-        3,
+        10,
     )
     vab = demo.demo_config("vab")
-    assert (vab.data, vab.attack) == (config.data, config.attack) and vab.defense.params == {"preset": "demo"}
-    assert vab.train == config.train and PRESETS["demo"].epochs == config.train.epochs
+    assert (vab.data, vab.attack) == (config.data, config.attack) and vab.defense.params == {}
+    assert vab.train == config.train and config.train.schedule == "onecycle"
     # as a defender runs it (reversed trigger, auto budget), and with the real trigger
     assert [(d, p) for _, d, p in demo.DEMO_REPAIRS] == [("linf-prune", {}), ("linf-prune", {"trigger": "oracle"})]
     assert demo.repair_config("linf-prune", {}).data == config.data

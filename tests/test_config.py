@@ -39,6 +39,11 @@ def test_strings_are_converted_by_field_type():
         ({"colour": 1}, "unknown setting 'colour'"),
         ({"inner": {"rat": 1}}, "unknown setting 'inner.rat'"),
         ({"inner": 3}, "inner must be a table"),
+        ({"inner": {"rate": "nan"}}, "inner.rate must be a finite number"),
+        ({"inner": {"rate": "inf"}}, "inner.rate must be a finite number"),
+        ({"inner": {"rate": float("-inf")}}, "inner.rate must be a finite number"),
+        ({"count": "100000000000000000000"}, "count is too large"),
+        ({"count": -(2**63)}, "count is too large"),
     ],
 )
 def test_bad_values_are_refused_with_the_name(data, message):
@@ -77,3 +82,17 @@ def test_parse_assignments():
     assert parse_assignments(["a=1", "b.c = x=y"]) == {"a": "1", "b.c": "x=y"}
     with pytest.raises(BdguardError, match="key=value"):
         parse_assignments(["novalue"])
+
+
+def test_deeply_nested_config_files_are_refused(tmp_path):
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(BdguardError, match="nested too deeply"):
+        load_file(deep)
+    toml = tmp_path / "deep.toml"
+    toml.write_text("a = " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(BdguardError, match="nested too deeply"):
+        load_file(toml)
+    fine = tmp_path / "fine.toml"
+    fine.write_text("[train]\nlr = 0.1\n")
+    assert load_file(fine) == {"train": {"lr": 0.1}}

@@ -291,6 +291,28 @@ def test_truncated_file_refused(tmp_path, cut):
 def test_missing_file_refused(tmp_path):
     with pytest.raises(BdguardError, match="does not exist"):
         load_model(tmp_path / "nope.safetensors")
+    with pytest.raises(BdguardError, match="is a folder"):
+        load_model(tmp_path)
+
+
+def test_deeply_nested_metadata_refused(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_model(make("small-cnn"), path, meta_for("small-cnn"))
+    meta = json.loads(path.with_suffix(".json").read_text())
+    for nested in ("[" * 200_000 + "]" * 200_000, "[" * 40 + "]" * 40):  # beyond the parser's stack; past our limit
+        path.with_suffix(".json").write_text(json.dumps({**meta, "extra": "X"}).replace('"X"', nested))
+        with pytest.raises(BdguardError, match="nested too deeply"):
+            load_model(path)
+
+
+def test_model_files_get_the_same_mode_as_every_output(tmp_path):
+    import os
+
+    path = tmp_path / "m.safetensors"
+    save_model(make("small-cnn"), path, meta_for("small-cnn"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {0o666 & ~umask}
 
 
 def _write_raw(path: Path, tensors: dict, meta: ModelMeta | None) -> None:

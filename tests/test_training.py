@@ -12,6 +12,7 @@ from bdguard.pipeline import RunConfig, run_train
 from bdguard.training import TrainConfig, evaluate
 from bdguard.training.schedule import lr_factor
 from bdguard.training.trainer import Trainer
+from cli_helpers import assert_one_line_error, run_cli
 
 
 def _config(**train):
@@ -121,3 +122,48 @@ def test_resume_refuses_a_damaged_or_foreign_checkpoint(tmp_path):
     torch.save(torch.zeros(3), run / "checkpoint.pt")
     with pytest.raises(BdguardError, match="another program"):
         run_train(_config(epochs=1), run, resume=True, quiet=True)
+
+
+def test_a_resumed_run_rewrites_its_log_from_the_checkpoint(tmp_path):
+    """A kill between the checkpoint write and the log write leaves a log one row short; resuming restores it."""
+    run = tmp_path / "run"
+    config = _config(epochs=2)
+    run_train(config, run, quiet=True)
+    log = (run / "metrics.jsonl").read_text()
+    (run / "metrics.jsonl").write_text(log.splitlines(keepends=True)[0])  # the last epoch's row lost
+    results = run_train(config, run, resume=True, quiet=True)
+    assert (run / "metrics.jsonl").read_text() == log
+    assert results["ba"] == json.loads(log.splitlines()[-1])["ba"]
+
+
+def test_channels_last_changes_the_layout_not_the_training(tmp_path):
+    runs = {cl: run_train(_config(epochs=1, channels_last=cl), tmp_path / str(cl), quiet=True) for cl in (False, True)}
+    assert runs[True]["ba"] == pytest.approx(runs[False]["ba"], abs=0.02)
+    loss = {cl: _rows(tmp_path / str(cl))[0]["loss"] for cl in runs}
+    assert loss[True] == pytest.approx(loss[False], rel=1e-3)  # the same sums in another order
+    weights = load_file(tmp_path / "True" / "model.safetensors")
+    assert all(weights[k].is_contiguous() for k in weights)  # files hold the standard layout
+
+
+def _rows(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    "flags, where",
+    [
+        ([], "training diverged in epoch 1"),
+        (["--defense", "vab"], "training diverged in V&B stage A epoch 1"),
+        (["--defense", "vab", "--lr", "0.05", "--set", "vab.victim_lr=1e30"], "training diverged in victim warm-up"),
+    ],
+)
+def test_a_diverging_run_stops_with_one_line_and_leaves_no_result(tmp_path, capsys, flags, where):
+    run = tmp_path / "run"
+    common = ["--dataset", "synthetic", "--attack", "badnets", "--model", "small-cnn", "--epochs", "2"]
+    argv = ["train", *common, "--lr", "1e9", "--batch-size", "64", "--threads", "1", "--quiet", *flags]
+    code, _, err = run_cli(capsys, *argv, "--out", str(run))
+    assert_one_line_error(code, err, where)
+    assert "lr" in err.strip().splitlines()[-1]  # it names the setting to look at
+    assert not (run / "model.safetensors").exists() and not (run / "results.json").exists()
+    rows = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
+    assert all("NaN" not in row and "Infinity" not in row for row in rows)

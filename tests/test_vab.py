@@ -10,17 +10,18 @@ from bdguard.data.base import ImageSet
 from bdguard.defenses import DEFENSES, DefenseConfig, build_defense
 from bdguard.defenses.vab import PRESETS, VabParams, make_schedule, threshold
 from bdguard.defenses.vab.attention_mix import attention_map, attention_mix
-from bdguard.defenses.vab.beneficiary import Beneficiary, stage_a_epoch, stage_b_epoch
+from bdguard.defenses.vab.beneficiary import Beneficiary, label_agreement, stage_a_epoch, stage_b_epoch
 from bdguard.defenses.vab.report import detector_metrics
-from bdguard.defenses.vab.runtime import Runtime
 from bdguard.defenses.vab.suppression import pseudo_targets, soft_cross_entropy, suppress, victim_beliefs
-from bdguard.defenses.vab.victim import EntropyDetector, entropy_scores, split, victim_epoch
+from bdguard.defenses.vab.victim import EntropyDetector, entropy_scores, split, victim_epoch, victim_logits
 from bdguard.errors import BdguardError
 from bdguard.models import build_model
+from bdguard.training.runtime import Runtime
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CPU = Runtime.create(torch.device("cpu"), amp=False, channels_last=False, quiet=True)
+CPU = Runtime(torch.device("cpu"), amp=False, channels_last=False, quiet=True)
+PAPER = VabParams.from_settings({"preset": "paper"})
 
 
 def _generator(seed: int = 0) -> torch.Generator:
@@ -119,7 +120,7 @@ def test_pseudo_targets_are_the_argmax_of_two_views_and_split_ties():
 
 
 def test_the_paper_schedule_at_200_epochs():
-    params = VabParams()
+    params = PAPER
     schedule = make_schedule(200, params)
     assert schedule.stage_a == 100
     assert schedule.victim_updates == tuple(range(5, 101, 5)) + tuple(range(101, 201))
@@ -135,7 +136,7 @@ def test_the_paper_schedule_at_200_epochs():
 
 
 def test_rescaled_schedules():
-    params = VabParams()
+    params = PAPER
     s30 = make_schedule(30, params)
     assert (s30.stage_a, s30.lr_drops, s30.alpha_switch) == (15, (9, 16, 24), 24)
     assert s30.victim_updates == tuple(range(1, 31))  # 20 stage-A updates cannot be sparser than every epoch
@@ -185,7 +186,7 @@ def _poisoned(data: ImageSet, mask: torch.Tensor) -> PoisonedSet:
 
 def test_the_split_catches_planted_low_entropy_samples():
     data, planted = _planted_set()
-    scores = entropy_scores(_Planted(), data.images, 16, CPU)  # batches of 16: 40 is not a multiple
+    scores = entropy_scores(victim_logits(_Planted(), data.images, 16, CPU))  # batches of 16: 40 is not a multiple
     assert scores.shape == (40,) and torch.isfinite(scores).all()
     detector = EntropyDetector(ema=0.75)
     normalised = detector.update(scores)
@@ -220,11 +221,15 @@ def test_entropy_of_a_certain_prediction_is_zero_not_nan():
             logits[:, 0] = 0.0
             return logits
 
-    scores = entropy_scores(Certain(), torch.zeros(3, 1, 2, 2, dtype=torch.uint8), 8, CPU)
+    scores = entropy_scores(victim_logits(Certain(), torch.zeros(3, 1, 2, 2, dtype=torch.uint8), 8, CPU))
     assert torch.equal(scores, torch.zeros(3))
 
 
 # -- guards: empty sets and tiny suspicious sets --------------------------------------------------------------------
+
+
+def LR(done: float) -> float:
+    return 0.01
 
 
 def _beneficiary(n: int = 24) -> tuple[Beneficiary, torch.nn.Module, ImageSet]:
@@ -244,17 +249,18 @@ def test_empty_and_tiny_sets_are_guarded():
     adam = torch.optim.Adam(victim.parameters())
     assert victim_epoch(victim, adam, data, nothing, 8, _generator(), CPU, "") is None
     assert all(torch.equal(a, b) for a, b in zip(before, victim.parameters(), strict=True))
-    assert stage_a_epoch(ben, data, nothing, _generator(), "") == {"loss": None, "mixed_region": None}
+    assert stage_a_epoch(ben, data, nothing, _generator(), "", LR) == {"loss": None, "mixed_region": None}
 
     # |S| = 1 < floor(|C| / B) + 1 iterations: B_u = max(1, 0) = 1 and S is cycled
-    result = stage_b_epoch(ben, victim, data, everything[1:], everything[:1], 0.5, _generator(), "")
+    logits = victim_logits(victim, data.images, 8, CPU)
+    result = stage_b_epoch(ben, logits, data, everything[1:], everything[:1], 0.5, _generator(), "", LR)
     assert result.metrics["loss_u"] is not None and math.isfinite(result.metrics["loss"])
     assert int(result.pseudo_label[0]) >= 0 and (result.pseudo_label[1:] == -1).all()
     assert torch.isnan(result.suppression_weight[0]) and not torch.isnan(result.suppression_weight[1:]).any()
     # empty S: no unlabelled loss; empty C: only the unlabelled loss
-    no_s = stage_b_epoch(ben, victim, data, everything, nothing, 0.5, _generator(), "")
+    no_s = stage_b_epoch(ben, logits, data, everything, nothing, 0.5, _generator(), "", LR)
     assert no_s.metrics["loss_u"] is None and math.isfinite(no_s.metrics["loss_mix"])
-    no_c = stage_b_epoch(ben, victim, data, nothing, everything, 0.5, _generator(), "")
+    no_c = stage_b_epoch(ben, logits, data, nothing, everything, 0.5, _generator(), "", LR)
     assert no_c.metrics["loss_mix"] is None and no_c.metrics["mixed_region"] is None
     assert math.isfinite(no_c.metrics["loss_u"])
 
@@ -269,7 +275,8 @@ def test_params_presets_and_validation():
     assert defense.params.victim_architecture("small-cnn") == "small-cnn"
     explicit = VabParams.from_settings({"preset": "cpu", "victim_model": "resnet20"})
     assert explicit.victim_architecture("small-cnn") == "resnet20"
-    assert VabParams().victim_architecture("small-cnn") == "resnet18"
+    assert VabParams().victim_architecture("small-cnn") == "small-cnn"
+    assert PAPER.victim_architecture("small-cnn") == "resnet18"
     assert {"paper", "cpu", "smoke"} <= set(PRESETS) and PRESETS["paper"].epochs == 200
     for bad, match in (
         ({"preset": "fast"}, "vab.preset"),
@@ -279,12 +286,115 @@ def test_params_presets_and_validation():
         ({"temperature": "0"}, "vab.temperature"),
         ({"upsample": "bicubic"}, "vab.upsample"),
         ({"tau_warm": ""}, "vab.tau_warm"),
+        ({"views": "3"}, "vab.views"),
+        ({"refine_confidence": "1.5"}, "vab.refine_confidence"),
+        ({"tau": "nan"}, "vab.tau"),
+        ({"lr_schedule": "cosine"}, "vab.lr_schedule"),
     ):
         with pytest.raises(BdguardError, match=match):
             VabParams.from_settings(bad)
 
 
-def test_the_demo_preset_drops_the_lr_once_before_its_stage_b_epoch():
-    schedule = make_schedule(PRESETS["demo"].epochs, VabParams.from_settings({"preset": "demo"}))
-    assert (schedule.epochs, schedule.stage_a, schedule.lr_drops) == (3, 2, (3,))
-    assert schedule.lr_factor(2, 0.1) == 1.0 and schedule.lr_factor(3, 0.1) == pytest.approx(0.1)
+def test_the_paper_preset_is_the_reference_and_the_default_differs_only_where_listed():
+    from bdguard.defenses.vab.config import REFERENCE
+
+    for key, value in REFERENCE.items():
+        assert getattr(PAPER, key) == value, key
+        assert getattr(VabParams(), key) != value, f"{key}: the default equals the reference, drop it from REFERENCE"
+    others = {f for f in VabParams.__dataclass_fields__ if f not in REFERENCE and f != "preset"}
+    assert all(getattr(PAPER, f) == getattr(VabParams(), f) for f in others)
+    assert PAPER.mix_share == 1.0 and PAPER.views == 2 and PAPER.lr_schedule == "vab"
+
+
+def test_the_default_schedule_counts_victim_updates_in_this_runs_epochs():
+    schedule = make_schedule(30, VabParams())
+    assert schedule.stage_a == 15
+    # every 2nd epoch of each stage, counted from its start
+    assert schedule.victim_updates == tuple(range(2, 15, 2)) + tuple(range(17, 30, 2))
+    assert make_schedule(10, VabParams(victim_every=3, victim_every_b=1)).victim_updates == (3, 6, 7, 8, 9, 10)
+
+
+# -- the Beneficiary's epochs: lr, views, mixing share, reused logits ----------------------------------------------
+
+
+def _recording_lr(seen: list[float]):
+    def lr(done: float) -> float:
+        seen.append(done)
+        return 0.01
+
+    return lr
+
+
+def test_the_lr_is_asked_for_at_every_step_with_the_share_of_the_epoch_done():
+    ben, victim, data = _beneficiary(n=24)  # batch 8: three steps
+    seen: list[float] = []
+    stage_a_epoch(ben, data, torch.arange(24), _generator(), "", _recording_lr(seen))
+    assert seen == pytest.approx([0, 1 / 3, 2 / 3])
+    assert ben.optimizer.param_groups[0]["lr"] == 0.01
+
+
+def test_partial_mixing_leaves_the_unmixed_share_of_the_batch_as_it_was():
+    ben, _, data = _beneficiary(n=16)
+    ben.params = VabParams(mix_share=0.5)
+    views = ben.views(data.images[:16], _generator())
+    targets = F.one_hot(data.labels[:16], 10).float()
+    ben.model.eval()  # a deterministic forward, so the loss can be recomputed by hand
+
+    captured = {}
+    original = ben.model.forward
+
+    def spy(x):
+        captured.setdefault("inputs", []).append(x.detach().clone())
+        return original(x)
+
+    ben.model.forward = spy
+    loss, region = ben.mixed_loss(views, targets, _generator(5))
+    inputs = torch.cat(captured["inputs"])
+    changed = (inputs != views[0]).flatten(1).any(dim=1)
+    assert 0 < int(changed.sum()) <= 8  # at most half of the batch is mixed
+    assert float(region) <= 0.5
+    none = VabParams(mix_share=0.0)
+    ben.params = none
+    captured.clear()
+    plain, region = ben.mixed_loss(views, targets, _generator(5))
+    assert torch.equal(torch.cat(captured["inputs"]), views[0]) and float(region) == 0.0
+    expected = F.cross_entropy(original(views[0]), data.labels[:16])
+    assert float(plain.detach()) == pytest.approx(float(expected.detach()))
+
+
+def test_reused_logits_change_nothing_but_the_batchnorm_running_averages():
+    results = {}
+    for reuse in (False, True):
+        ben, victim, data = _beneficiary(n=32)
+        ben.params = VabParams(reuse_logits=reuse, views=2)
+        logits = victim_logits(victim, data.images, 8, CPU)
+        everything = torch.arange(32)
+        result = stage_b_epoch(ben, logits, data, everything[8:], everything[:8], 0.5, _generator(), "", LR)
+        results[reuse] = (result, {k: v.clone() for k, v in ben.model.state_dict().items()})
+    (separate, weights_a), (reused, weights_b) = results[False], results[True]
+    assert torch.equal(separate.pseudo_label, reused.pseudo_label)
+    assert separate.metrics["loss"] == pytest.approx(reused.metrics["loss"], rel=1e-5)
+    running = {k for k in weights_a if "running" in k or "num_batches" in k}
+    assert all(torch.allclose(weights_a[k], weights_b[k], atol=1e-6) for k in weights_a if k not in running)
+    assert any(not torch.equal(weights_a[k], weights_b[k]) for k in running)
+
+
+def test_label_agreement_takes_back_what_the_network_predicts_as_labelled():
+    class Reads(torch.nn.Module):
+        """Predicts the class written in the first pixel, sure of it when the second pixel is bright."""
+
+        def forward(self, x):
+            logits = torch.zeros(x.shape[0], 10)
+            logits[torch.arange(x.shape[0]), (x[:, 0, 0, 0] * 255).round().long()] = 10 * x[:, 0, 0, 1] + 1
+            return logits
+
+    images = torch.zeros(6, 1, 2, 2, dtype=torch.uint8)
+    images[:, 0, 0, 0] = torch.tensor([3, 3, 5, 5, 7, 7], dtype=torch.uint8)  # what the image shows
+    images[:, 0, 0, 1] = torch.tensor([255, 0, 255, 255, 255, 0], dtype=torch.uint8)  # how sure the network is
+    labels = torch.tensor([3, 3, 0, 5, 7, 0])  # samples 2 and 5 relabelled to 0, like poison
+    data = ImageSet(images, labels)
+    index = torch.arange(6)
+    assert label_agreement(Reads(), data, index, 4, CPU, 0.0).tolist() == [True, True, False, True, True, False]
+    sure = label_agreement(Reads(), data, index, 4, CPU, 0.5).tolist()
+    assert sure == [True, False, False, True, True, False]  # sample 1: right label, not sure enough
+    assert label_agreement(Reads(), data, index[[2, 3]], 4, CPU, 0.0).tolist() == [False, True]

@@ -73,23 +73,13 @@ def test_vab_trains_a_clean_model_on_poisoned_data(tmp_path):
     assert meta.architecture == "small-cnn" and "Victim" in meta.extra["role"]
 
 
-def _small_job(run_dir, resume: bool = False, fingerprint: str = "test") -> TrainingJob:
-    """300 synthetic training images: enough to exercise every part of V&B in seconds."""
-    full = load_dataset(DataConfig(dataset="synthetic"))
-    bundle = DataBundle(
-        full.name,
-        full.train.subset(torch.arange(300)),
-        full.test.subset(torch.arange(100)),
-        full.classes,
-        full.mean,
-        full.std,
-        full.flip,
-        full.source,
-    )
-    attack = build_attack(AttackConfig(**ATTACK), bundle.num_classes, bundle.image_shape)
+def _job(
+    bundle: DataBundle, run_dir, train: TrainConfig, fingerprint: str, resume: bool = False, rate: float = 0.1
+) -> TrainingJob:
+    """A V&B job on `bundle` poisoned by ATTACK at `rate`, on the CPU, as the pipeline would build it."""
+    attack = build_attack(AttackConfig(**{**ATTACK, "rate": rate}), bundle.num_classes, bundle.image_shape)
     poisoned = attack.poison(bundle.train)
     triggered = attack.test_set(bundle.test)
-    train = TrainConfig(**{**TRAIN, "batch_size": 32, "epochs": 2, "device": "cpu"})
     device = torch.device("cpu")
     return TrainingJob(
         bundle=bundle,
@@ -104,6 +94,23 @@ def _small_job(run_dir, resume: bool = False, fingerprint: str = "test") -> Trai
         resume=resume,
         quiet=True,
     )
+
+
+def _small_job(run_dir, resume: bool = False, fingerprint: str = "test") -> TrainingJob:
+    """300 synthetic training images: enough to exercise every part of V&B in seconds."""
+    full = load_dataset(DataConfig(dataset="synthetic"))
+    bundle = DataBundle(
+        full.name,
+        full.train.subset(torch.arange(300)),
+        full.test.subset(torch.arange(100)),
+        full.classes,
+        full.mean,
+        full.std,
+        full.flip,
+        full.source,
+    )
+    train = TrainConfig(**{**TRAIN, "batch_size": 32, "epochs": 2, "device": "cpu"})
+    return _job(bundle, run_dir, train, fingerprint, resume)
 
 
 def _defense():
@@ -140,3 +147,57 @@ def test_vab_resumes_to_the_same_result(tmp_path, monkeypatch):
     assert losses("straight") == losses("resumed")
     with pytest.raises(BdguardError, match="different settings"):
         _defense().train(_small_job(tmp_path / "straight", resume=True, fingerprint="other"))
+
+
+def _easy_class_job(run_dir, easy: int = 5) -> TrainingJob:
+    """The synthetic set with one clean class made easy (most of its images carry a tenth of the usual noise), then
+    BadNets: the Victim is as sure of those images as of the trigger, as it is of most of Fashion-MNIST's trousers.
+    20 % poison, so that as on Fashion-MNIST and CIFAR-10 the target label's flagged samples are mostly poison (at
+    10 % this set's target class is itself easy, and its flagged samples are half clean)."""
+    full = load_dataset(DataConfig(dataset="synthetic"))
+
+    def flatten(split):
+        images = split.images.clone()
+        chosen = (split.labels == easy).nonzero().squeeze(1)
+        quiet = chosen[: len(chosen) * 3 // 4]  # the rest keep the usual noise: the class stays learnable from C
+        prototype = images[chosen].float().mean(dim=0)
+        images[quiet] = (prototype + 0.1 * (images[quiet].float() - prototype)).round().to(torch.uint8)
+        return type(split)(images, split.labels)
+
+    bundle = DataBundle(
+        full.name, flatten(full.train), flatten(full.test), full.classes, full.mean, full.std, full.flip, full.source
+    )
+    train = TrainConfig(**{**TRAIN, "epochs": 4, "device": "cpu", "lr": 0.05, "schedule": "onecycle"})
+    return _job(bundle, run_dir, train, "easy", rate=0.15)
+
+
+def _split(tmp_path, refine: bool) -> tuple[TrainingJob, dict, torch.Tensor]:
+    job = _easy_class_job(tmp_path / str(refine))
+    params = {"victim_batch_size": 64, "refine": refine}
+    model, results = build_defense(DefenseConfig(name="vab", params=params)).train(job)
+    results.update(job.evaluate(model))
+    rows = [line.split(",") for line in (tmp_path / str(refine) / "suspicious.csv").read_text().splitlines()[1:]]
+    return job, results, torch.tensor([r[2] == "yes" for r in rows])
+
+
+def test_the_refined_split_hands_an_easy_clean_class_back_and_keeps_the_poison(tmp_path):
+    job, plain, flagged = _split(tmp_path, refine=False)
+    _, refined, suspicious = _split(tmp_path, refine=True)
+    poisoned = job.poisoned
+    easy = (poisoned.original_labels == 5) & ~poisoned.poison_mask
+    # relabelled poison: the poisoned images of the target class keep their true label, a clean-label trigger
+    relabelled = poisoned.poison_mask & (poisoned.original_labels != poisoned.train.labels)
+
+    def share(mask: torch.Tensor, within: torch.Tensor) -> float:
+        return float(mask[within].float().mean())
+
+    # the Victim alone (its training never depends on the Beneficiary) loses most of the easy class to S ...
+    assert refined["detector"]["flagged"] == plain["detector"]["suspicious"] == int(flagged.sum())
+    assert share(flagged, easy) > 0.5, share(flagged, easy)
+    # ... the Beneficiary takes that class back and none of the relabelled poison the Victim caught
+    assert share(suspicious, easy) < 0.1, share(suspicious, easy)
+    assert share(suspicious, relabelled) >= share(flagged, relabelled) - 0.01
+    assert refined["detector"]["fpr"] < plain["detector"]["fpr"] / 2
+    # and the target label stays flagged as a whole: none of it goes back, poison or not
+    target = poisoned.train.labels == 0
+    assert bool((suspicious[target] == flagged[target]).all())

@@ -9,7 +9,8 @@ from bdguard.attacks import AttackConfig, build_attack
 from bdguard.data import DataConfig, ImageSet, load_dataset
 from bdguard.training import TrainConfig, fit
 from bdguard.training.factory import new_model
-from bdguard.training.trainer import Trainer, steps_per_epoch
+from bdguard.training.runtime import steps_per_epoch
+from bdguard.training.trainer import Trainer
 
 TARGET = 3
 PATCH = 4  # a 4x4 checkerboard in the bottom-right corner of the 16x16 images

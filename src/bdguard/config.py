@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -28,6 +29,8 @@ T = TypeVar("T")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 _NONE = {"none", "null", ""}
+INT_LIMIT = 2**63  # what a torch int64 holds: a larger count is a typo, and torch would fail on it deep inside
+MAX_DEPTH = 32  # tables nested deeper than this in a config file are refused before anything walks them
 
 
 def _is_optional(tp: Any) -> tuple[bool, Any]:
@@ -69,21 +72,26 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
     if tp is int:
         if isinstance(value, bool):
             raise BdguardError(f"{name} must be an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
         if isinstance(value, float) and value.is_integer():
-            return int(value)
-        try:
-            return int(str(value).strip())
-        except ValueError:
-            raise BdguardError(f"{name} must be an integer, got {value!r}") from None
+            value = int(value)
+        if not isinstance(value, int):
+            try:
+                value = int(str(value).strip())
+            except ValueError:
+                raise BdguardError(f"{name} must be an integer, got {value!r}") from None
+        if abs(value) >= INT_LIMIT:
+            raise BdguardError(f"{name} is too large: {value}")
+        return value
     if tp is float:
         if isinstance(value, bool):
             raise BdguardError(f"{name} must be a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise BdguardError(f"{name} must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise BdguardError(f"{name} must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (str, Path)):
             return str(value)
@@ -173,13 +181,35 @@ def load_file(path: str | Path) -> dict[str, Any]:
             raise BdguardError(f"config file must end in .toml, .yaml or .yml: {path}")
     except (tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError) as exc:
         raise BdguardError(f"cannot parse config file {path}: {str(exc).splitlines()[0]}") from None
+    except RecursionError:
+        raise BdguardError(f"config file {path} is nested too deeply (at most {MAX_DEPTH} levels)") from None
     if not isinstance(data, dict):
         raise BdguardError(f"config file {path} must hold a table of settings")
+    if nesting_depth(data) > MAX_DEPTH:
+        raise BdguardError(f"config file {path} is nested too deeply (at most {MAX_DEPTH} levels)")
     return data
 
 
+def nesting_depth(value: Any, limit: int = MAX_DEPTH + 1) -> int:
+    """How deeply tables and lists nest in `value`, counted up to `limit` (without recursion, so any depth is safe)."""
+    deepest, level = 0, [value]
+    while level and deepest < limit:
+        children = []
+        for item in level:
+            if isinstance(item, Mapping):
+                children.extend(item.values())
+            elif isinstance(item, list | tuple):
+                children.extend(item)
+        if children:
+            deepest += 1
+        level = children
+    return deepest
+
+
 def check_range(name: str, value: float, low: float | None = None, high: float | None = None) -> None:
-    """Refuse a value outside [low, high] with the parameter's name and the allowed range."""
+    """Refuse a value outside [low, high] (or not finite) with the parameter's name and the allowed range."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise BdguardError(f"{name} must be a finite number, got {value}")
     if (low is not None and value < low) or (high is not None and value > high):
         lo = "-inf" if low is None else low
         hi = "inf" if high is None else high

@@ -22,9 +22,11 @@ def atomic_path(path: str | Path):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; results are meant to be shared like any file
     try:
         yield Path(tmp)
+        # after the write: mkstemp, and writers that replace the file themselves (safetensors), make it private;
+        # every output is meant to be shared like any file the user writes
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -52,12 +54,13 @@ def json_safe(value: Any) -> Any:
 
 
 def write_json(path: str | Path, data: Any) -> None:
-    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+    """Strict JSON: a value that is not a finite number is written as null."""
+    write_text(path, json.dumps(json_safe(data), indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
-    """Rewrite a JSON-lines file whole, so its lines always match a finished state."""
-    write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+    """Rewrite a JSON-lines file whole, so its lines always match a finished state; strict JSON as write_json."""
+    write_text(path, "".join(json.dumps(json_safe(row), allow_nan=False) + "\n" for row in rows))
 
 
 def read_json(path: str | Path) -> Any:

@@ -27,7 +27,7 @@ from bdguard.models import MODELS, ModelMeta, load_model, save_model
 from bdguard.progress import log
 from bdguard.training import TrainConfig, evaluate, resolve_device
 from bdguard.training.factory import model_meta, new_model
-from bdguard.training.trainer import RunClock
+from bdguard.training.runtime import CHECKPOINT, RunClock
 
 
 @dataclass
@@ -74,7 +74,7 @@ def prepare_data(config: DataConfig, device: torch.device) -> DataBundle:
 def _check_out_dir(out: Path, resume: bool) -> None:
     if out.exists() and not out.is_dir():
         raise BdguardError(f"--out {out} exists and is not a folder")
-    if not resume and (out / "checkpoint.pt").exists():
+    if not resume and (out / CHECKPOINT).exists():
         raise BdguardError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
 
 
@@ -199,7 +199,7 @@ def run_poison(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise BdguardError(f"--out {out} exists and is not a folder")
-    if (out / "checkpoint.pt").exists() or (out / "model.safetensors").exists():
+    if (out / CHECKPOINT).exists() or (out / "model.safetensors").exists():
         raise BdguardError(f"{out} holds a training run: choose another --out for poison")
     check_range("gallery rows", rows, 1)
     ATTACKS.get(config.attack.name)  # an unknown name fails before the data set loads

@@ -27,6 +27,7 @@ from bdguard.models import load_model, save_model
 from bdguard.pipeline import check_model_data, environment, prepare_data, recorded_attack
 from bdguard.progress import log
 from bdguard.training import Evaluator, TrainConfig, resolve_device
+from bdguard.training.runtime import CHECKPOINT
 
 TEST_HOLDOUT = "test-holdout"
 DEFAULT_DEFENSE = "linf-prune"
@@ -103,7 +104,7 @@ def take_probe(bundle: DataBundle, config: ProbeConfig) -> tuple[ImageSet, Image
 def _check_out_dir(out: Path, model_path: Path) -> None:
     if out.exists() and not out.is_dir():
         raise BdguardError(f"--out {out} exists and is not a folder")
-    if (out / "checkpoint.pt").exists():
+    if (out / CHECKPOINT).exists():
         raise BdguardError(f"{out} holds a training run: choose another --out for prune")
     if (out / "model.safetensors").resolve() == model_path.resolve():
         raise BdguardError(f"--out {out} would overwrite the model being repaired; choose another folder")

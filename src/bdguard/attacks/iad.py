@@ -65,9 +65,10 @@ from bdguard.models import MODELS
 from bdguard.progress import log, progress_bar
 from bdguard.training.config import TrainConfig
 from bdguard.training.factory import new_model
-from bdguard.training.metrics import accuracy, autocast, predict
+from bdguard.training.metrics import accuracy, predict
+from bdguard.training.runtime import autocast, batch_indices, epoch_generator, steps_per_epoch
 from bdguard.training.schedule import make_optimizer
-from bdguard.training.trainer import batch_indices, epoch_generator, make_augment, steps_per_epoch
+from bdguard.training.trainer import make_augment
 
 CACHE_VERSION = 1  # bump when the architecture or training changes, so old cache files are not reused
 HEADER_KEY = "bdguard-iad"

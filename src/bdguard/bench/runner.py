@@ -27,6 +27,7 @@ from bdguard.io import read_json, write_json, write_text
 from bdguard.pipeline import environment, run_poison, run_train
 from bdguard.progress import grid_progress, log
 from bdguard.repair import TEST_HOLDOUT, run_prune
+from bdguard.training.runtime import CHECKPOINT
 
 ERROR = "error.txt"
 
@@ -147,7 +148,7 @@ def run_bench(config: BenchConfig, out: str | Path, quiet: bool = False) -> dict
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise BdguardError(f"--out {out} exists and is not a folder")
-    if (out / "checkpoint.pt").exists() or (out / "model.safetensors").exists():
+    if (out / CHECKPOINT).exists() or (out / "model.safetensors").exists():
         raise BdguardError(f"{out} holds a training run: choose another --out for bench")
     steps = plan(config, out)
     check_folders(steps)

@@ -24,8 +24,10 @@ DEMO_DEFENSES = ("none", "vab")  # trained on the poisoned set
 # applied to the undefended model: (run folder, defense, settings). l-inf pruning as a defender runs it, with a trigger
 # reverse-engineered by Neural Cleanse, and with the attack's real trigger, the best that scoring can do
 DEMO_REPAIRS = (("linf-prune", "linf-prune", {}), ("linf-prune-oracle", "linf-prune", {"trigger": "oracle"}))
-# a third of Fashion-MNIST: the backdoor still takes hold in three epochs, and the demo stays a few CPU minutes
+# a third of Fashion-MNIST for ten epochs: the backdoor takes hold in the first two, the clean accuracy is near its
+# plateau (84.9 % undefended), and the demo stays a few CPU minutes
 TRAIN_SIZE = 20_000
+EPOCHS = 10
 COLUMNS = ("defense", "BA", "ASR", "RA", "TPR", "FPR", "pruned", "seconds")
 NOT_APPLICABLE = "—"
 TABLE_WIDTH = 100
@@ -37,13 +39,12 @@ def demo_data() -> DataConfig:
 
 def demo_config(defense: str) -> RunConfig:
     """BadNets at 10% on Fashion-MNIST with the small CNN: a backdoor that takes hold in a few CPU minutes. Both rows
-    train on the same poisoned set; V&B with its `demo` preset, made for this budget."""
-    params = {"preset": "demo"} if defense == "vab" else {}
+    train on the same poisoned set with the same one-cycle schedule; V&B with its defaults."""
     return RunConfig(
         data=demo_data(),
         attack=AttackConfig(name="badnets", rate=0.1, target=0),
-        defense=DefenseConfig(name=defense, params=params),
-        train=TrainConfig(model="small-cnn", epochs=3, batch_size=128, lr=0.05, schedule="onecycle"),
+        defense=DefenseConfig(name=defense),
+        train=TrainConfig(model="small-cnn", epochs=EPOCHS, batch_size=128, lr=0.05, schedule="onecycle"),
     )
 
 

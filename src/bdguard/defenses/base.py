@@ -17,7 +17,7 @@ from bdguard.data.base import DataBundle, ImageSet
 from bdguard.models.base import BackdoorModel
 from bdguard.training.config import TrainConfig
 from bdguard.training.metrics import Evaluator
-from bdguard.training.trainer import RunClock
+from bdguard.training.runtime import RunClock
 
 
 @dataclass

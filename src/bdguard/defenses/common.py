@@ -10,7 +10,8 @@ import torch
 
 from bdguard.defenses.base import RepairJob
 from bdguard.training.metrics import accuracy
-from bdguard.training.trainer import Trainer, fit, make_augment, steps_per_epoch
+from bdguard.training.runtime import steps_per_epoch
+from bdguard.training.trainer import Trainer, fit, make_augment
 
 
 def fine_tune(job: RepairJob, epochs: int, lr: float, seed: int) -> list[dict[str, Any]]:

@@ -37,7 +37,8 @@ from bdguard.errors import BdguardError
 from bdguard.io import json_safe
 from bdguard.models.base import BackdoorModel
 from bdguard.progress import log, progress_bar
-from bdguard.training.metrics import autocast, predict
+from bdguard.training.metrics import predict
+from bdguard.training.runtime import autocast
 
 MAD_CONSISTENCY = 1.4826  # makes the MAD a consistent estimate of the standard deviation of normal data
 COST_DOWN_POWER = 1.5  # NC lowers λ by cost_multiplier ** 1.5 and raises it by cost_multiplier

@@ -8,7 +8,8 @@ import torch
 
 from bdguard.defenses.base import TrainingDefense, TrainingJob
 from bdguard.defenses.registry import DEFENSES
-from bdguard.training.trainer import Trainer, fit, make_augment, steps_per_epoch
+from bdguard.training.runtime import steps_per_epoch
+from bdguard.training.trainer import Trainer, fit, make_augment
 
 
 @DEFENSES.register("none")
@@ -20,5 +21,14 @@ class NoDefense(TrainingDefense):
         model = job.new_model()
         steps = steps_per_epoch(len(job.poisoned.train), job.train.batch_size)
         trainer = Trainer(model, job.train, job.device, make_augment(job.train, job.bundle.flip), steps)
-        fit(trainer, job.poisoned.train, job.evaluate, job.run_dir, job.fingerprint, job.resume, job.quiet, job.clock)
+        fit(
+            trainer,
+            job.poisoned.train,
+            job.evaluate,
+            job.run_dir,
+            fingerprint=job.fingerprint,
+            resume=job.resume,
+            quiet=job.quiet,
+            clock=job.clock,
+        )
         return model, {}

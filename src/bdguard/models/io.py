@@ -10,8 +10,7 @@ import dataclasses
 import json
 import math
 import os
-import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -20,7 +19,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from bdguard.config import MAX_DEPTH, nesting_depth
 from bdguard.errors import BdguardError
+from bdguard.io import atomic_path, write_text
 from bdguard.models.base import BackdoorModel, build_model
 
 HEADER_KEY = "bdguard"
@@ -84,6 +85,8 @@ class ModelMeta:
         """Parse and validate metadata read from `source` (named in errors)."""
         if not isinstance(data, dict):
             raise BdguardError(f"{source}: model metadata must be a JSON object")
+        if nesting_depth(data) > MAX_DEPTH:
+            raise BdguardError(f"{source}: model metadata is nested too deeply (at most {MAX_DEPTH} levels)")
         if data.get("format") != cls.format:
             raise BdguardError(f"{source}: format is {data.get('format')!r}, expected {cls.format!r}")
         if data.get("format_version") != cls.format_version:
@@ -120,14 +123,16 @@ def save_model(model: BackdoorModel, path: str | os.PathLike, meta: ModelMeta) -
 
     path.parent.mkdir(parents=True, exist_ok=True)
     meta_dict = meta.to_dict()
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={HEADER_KEY: json.dumps(meta_dict)}))
-    text = json.dumps(meta_dict, indent=2) + "\n"
-    _atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={HEADER_KEY: json.dumps(meta_dict)})
+    write_text(path.with_suffix(".json"), json.dumps(meta_dict, indent=2) + "\n")
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[BackdoorModel, ModelMeta]:
     """Rebuild a model from a bdguard safetensors file; the model is returned in eval mode on `device`."""
     path = Path(path)
+    if path.is_dir():
+        raise BdguardError(f"model file {path} is a folder; pass the .safetensors file in it")
     if not path.is_file():
         raise BdguardError(f"model file {path} does not exist")
     try:
@@ -144,12 +149,16 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
             data = json.loads(sidecar.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise BdguardError(f"cannot read model metadata {sidecar}: {e}") from None
+        except RecursionError:
+            raise BdguardError(f"model metadata {sidecar} is nested too deeply") from None
         meta = ModelMeta.from_dict(data, str(sidecar))
     elif HEADER_KEY in header:
         try:
             data = json.loads(header[HEADER_KEY])
         except json.JSONDecodeError as e:
             raise BdguardError(f"{path}: the {HEADER_KEY!r} header metadata is not valid JSON: {e}") from None
+        except RecursionError:
+            raise BdguardError(f"{path}: the {HEADER_KEY!r} header metadata is nested too deeply") from None
         meta = ModelMeta.from_dict(data, f"{path} header")
     else:
         raise BdguardError(
@@ -202,17 +211,6 @@ def _why_not_safetensors(path: Path, error: Exception) -> str:
         )
     hint = "; pass the .safetensors file, not its JSON sidecar" if path.suffix == ".json" else ""
     return f"{path} is not a valid safetensors file (truncated or corrupt?): {error}{hint}"
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write via a temp file in the same folder and os.replace, so readers never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _is_int(value: object) -> bool:

@@ -9,7 +9,7 @@ import torch
 from bdguard.data.base import DataBundle
 from bdguard.models import BackdoorModel, ModelMeta, build_model
 from bdguard.training.config import TrainConfig
-from bdguard.training.trainer import seed_everything
+from bdguard.training.runtime import seed_everything
 
 
 def new_model(bundle: DataBundle, config: TrainConfig, device: torch.device) -> BackdoorModel:

@@ -7,7 +7,6 @@ classified as their true class.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -15,16 +14,10 @@ import torch
 
 from bdguard.data.augment import to_float
 from bdguard.data.base import ImageSet
+from bdguard.training.runtime import autocast
 
 if TYPE_CHECKING:  # attacks import the training package: a runtime import would be circular
     from bdguard.attacks.base import TriggeredSet
-
-
-def autocast(device: torch.device, enabled: bool):
-    """bfloat16 autocast on CUDA (no loss scaling needed); a no-op elsewhere."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 @torch.no_grad()

@@ -18,7 +18,8 @@ from bdguard.progress import log
 from bdguard.training.config import TrainConfig
 from bdguard.training.factory import model_meta, new_model
 from bdguard.training.metrics import accuracy, predict
-from bdguard.training.trainer import Trainer, fit, make_augment, steps_per_epoch
+from bdguard.training.runtime import steps_per_epoch
+from bdguard.training.trainer import Trainer, fit, make_augment
 
 if TYPE_CHECKING:  # the attacks import this module: a runtime import of them would be circular
     from bdguard.attacks.base import AttackContext

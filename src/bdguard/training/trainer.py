@@ -3,60 +3,21 @@ evaluation, a checkpoint after every epoch and an exact resume from it."""
 
 from __future__ import annotations
 
-import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bdguard.data.augment import Augment, to_float
+from bdguard.data.augment import Augment
 from bdguard.data.base import ImageSet
-from bdguard.errors import BdguardError
-from bdguard.io import write_jsonl, write_with
 from bdguard.progress import log, progress_bar
 from bdguard.training.config import TrainConfig
-from bdguard.training.metrics import autocast
+from bdguard.training.runtime import Checkpoint, RunClock, Runtime, batch_indices, check_finite, epoch_generator
 from bdguard.training.schedule import make_optimizer, make_scheduler
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps") if torch.backends.mps.is_available() else torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise BdguardError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BdguardError(f"device {name!r} was asked for but CUDA is not available on this machine")
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
-    """The generator of one epoch's shuffle and augmentation: a resumed run draws the same numbers."""
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
-
-
-def batch_indices(n: int, batch_size: int, generator: torch.Generator, shuffle: bool = True) -> Iterator[torch.Tensor]:
-    device = generator.device
-    order = torch.randperm(n, generator=generator, device=device) if shuffle else torch.arange(n, device=device)
-    yield from order.split(batch_size)
-
-
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    return -(-n // batch_size)
 
 
 def make_augment(config: TrainConfig, dataset_flip: bool) -> Augment | None:
@@ -64,35 +25,6 @@ def make_augment(config: TrainConfig, dataset_flip: bool) -> Augment | None:
     if not config.augment:
         return None
     return Augment(config.crop_padding, dataset_flip if config.flip is None else config.flip)
-
-
-@dataclass
-class RunClock:
-    """Wall seconds of a run summed over its invocations: what earlier ones had spent when they wrote their last
-    checkpoint (kept in it as "elapsed"), plus this one's time so far. Work an interruption lost is not counted."""
-
-    before: float = 0.0
-    began: float = field(default_factory=time.perf_counter)
-
-    def elapsed(self) -> float:
-        return self.before + time.perf_counter() - self.began
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    write_with(path, lambda handle: torch.save(state, handle))
-
-
-def load_checkpoint(path: Path, device: torch.device, fingerprint: str) -> dict[str, Any]:
-    """Our own checkpoint, read without unpickling arbitrary objects, refused unless made with the same settings."""
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # any failure here means a damaged or foreign file
-        raise BdguardError(
-            f"cannot resume: {path} is not a readable bdguard checkpoint ({type(exc).__name__})"
-        ) from None
-    if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
-        raise BdguardError(f"cannot resume: {path} was written with different settings or by another program")
-    return state
 
 
 @dataclass
@@ -104,12 +36,13 @@ class Trainer:
     device: torch.device
     augment: Augment | None
     steps: int  # iterations per epoch, for the schedule
+    runtime: Runtime = field(init=False)
     optimizer: torch.optim.Optimizer = field(init=False)
     scheduler: Any = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.device.type == "cuda" and self.config.channels_last:
-            self.model.to(memory_format=torch.channels_last)
+        self.runtime = Runtime(self.device, self.config.amp, self.config.channels_last)
+        self.runtime.prepare(self.model)
         self.optimizer = make_optimizer(self.model.parameters(), self.config)
         self.scheduler = make_scheduler(self.optimizer, self.config, self.steps)
 
@@ -117,10 +50,7 @@ class Trainer:
         """uint8 batch -> (augmented) float batch in the model's memory format."""
         if self.augment is not None and generator is not None:
             images = self.augment(images, generator)
-        x = to_float(images)
-        if self.device.type == "cuda" and self.config.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        return self.runtime.inputs(images)
 
     def train_epoch(self, data: ImageSet, epoch: int, quiet: bool = False) -> dict[str, float]:
         self.model.train()
@@ -131,7 +61,7 @@ class Trainer:
             for step, idx in enumerate(batch_indices(len(data), self.config.batch_size, generator)):
                 x = self.inputs(data.images[idx], generator)
                 y = data.labels[idx]
-                with autocast(self.device, self.config.amp):
+                with self.runtime.autocast():
                     logits = self.model(x)
                     loss = F.cross_entropy(logits, y, label_smoothing=self.config.label_smoothing)
                 self.optimizer.zero_grad(set_to_none=True)
@@ -145,7 +75,9 @@ class Trainer:
                     bar.update(1, loss=float(loss_sum) / seen)
                 else:
                     bar.update(1)
-        return {"loss": float(loss_sum) / len(data), "train_acc": float(correct) / len(data)}
+        loss = float(loss_sum) / len(data)
+        check_finite(loss, f"epoch {epoch}", f"the learning rate (train.lr = {self.config.lr:g})")
+        return {"loss": loss, "train_acc": float(correct) / len(data)}
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -165,6 +97,7 @@ def fit(
     data: ImageSet,
     evaluate: Callable[[torch.nn.Module], dict[str, Any]],
     run_dir: Path | None = None,
+    *,
     fingerprint: str = "",
     resume: bool = False,
     quiet: bool = False,
@@ -180,14 +113,13 @@ def fit(
     config = trainer.config
     history: list[dict[str, Any]] = []
     start = 1
-    checkpoint = run_dir / "checkpoint.pt" if run_dir is not None else None
+    checkpoint = Checkpoint(run_dir, fingerprint, {"metrics.jsonl": "history"}) if run_dir is not None else None
     if resume and checkpoint is not None and checkpoint.exists():
-        state = load_checkpoint(checkpoint, trainer.device, fingerprint)
+        state = checkpoint.load(trainer.device, clock)
         trainer.load_state_dict(state["trainer"])
         history = list(state["history"])
         start = int(state["epoch"]) + 1
-        clock.before = float(state.get("elapsed", 0.0))
-        log(f"resuming after epoch {start - 1} from {checkpoint}")
+        log(f"resuming after epoch {start - 1} from {checkpoint.path}")
     for epoch in range(start, config.epochs + 1):
         began = time.perf_counter()
         row: dict[str, Any] = {"epoch": epoch, "lr": trainer.optimizer.param_groups[0]["lr"]}
@@ -198,15 +130,7 @@ def fit(
         history.append(row)
         log(_summary(row, config.epochs))
         if checkpoint is not None:
-            state = {
-                "trainer": trainer.state_dict(),
-                "epoch": epoch,
-                "history": history,
-                "fingerprint": fingerprint,
-                "elapsed": clock.elapsed(),
-            }
-            save_checkpoint(checkpoint, state)
-            write_jsonl(run_dir / "metrics.jsonl", history)
+            checkpoint.save({"trainer": trainer.state_dict(), "epoch": epoch, "history": history}, clock)
     return history
 
 

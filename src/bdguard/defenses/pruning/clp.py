@@ -27,7 +27,7 @@ from bdguard.data.augment import to_float
 from bdguard.defenses.base import PostTrainingDefense, RepairJob
 from bdguard.defenses.pruning.report import plot_curve
 from bdguard.defenses.registry import DEFENSES
-from bdguard.io import json_safe, write_json, write_jsonl
+from bdguard.io import write_json, write_jsonl
 from bdguard.models.base import BackdoorModel
 from bdguard.progress import log
 from bdguard.training.metrics import accuracy, predict
@@ -166,10 +166,8 @@ class ChannelLipschitzPruning(PostTrainingDefense):
             "repair_seconds": round(time.perf_counter() - began, 2),
         }
         if job.run_dir is not None:
-            write_json(
-                job.run_dir / "pruning.json", json_safe({**summary, "params": to_dict(self.params), "layers": layers})
-            )
-            write_jsonl(job.run_dir / "curve.jsonl", json_safe(curve))
+            write_json(job.run_dir / "pruning.json", {**summary, "params": to_dict(self.params), "layers": layers})
+            write_jsonl(job.run_dir / "curve.jsonl", curve)
             plot_curve(
                 job.run_dir / "curve.png", curve, summary["pruned_fraction"], f"clp: u from {max(CURVE_U):g} down"
             )

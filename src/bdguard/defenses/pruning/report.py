@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bdguard.io import json_safe, write_json, write_jsonl
+from bdguard.io import write_json, write_jsonl
 
 STAT_NAMES = {"1": "l1", "2": "l2", "inf": "linf", "avg": "avg"}  # column prefixes in pruning.json
 CURVE_KEYS = (("ba", "BA", "-"), ("asr", "ASR", "-"), ("ra", "RA", "-"), ("probe_acc", "probe acc", "--"))
@@ -65,8 +65,8 @@ def write_report(
     curve: list[dict[str, Any]],
     summaries: dict[str, dict[str, torch.Tensor]],
 ) -> None:
-    write_json(folder / "pruning.json", json_safe({**summary, "per_channel": table}))
-    write_jsonl(folder / "curve.jsonl", json_safe(curve))
+    write_json(folder / "pruning.json", {**summary, "per_channel": table})
+    write_jsonl(folder / "curve.jsonl", curve)
     title = f"{summary['defense']}: {summary['order']}"
     plot_curve(folder / "curve.png", curve, summary["pruned_fraction"], title)
     plot_norms(folder / "norms.png", summaries, title)

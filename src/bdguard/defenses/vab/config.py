@@ -1,9 +1,15 @@
-"""V&B's settings: every hyperparameter of vab.md section 10, with the reference code's defaults, and presets.
+"""V&B's settings: every hyperparameter of vab.md section 10, the levers of bdguard's default, and presets.
 
 The Beneficiary's architecture, optimiser (lr, momentum, weight decay), batch size and epoch budget come from the
-run's `train` section; its lr follows V&B's own step schedule (`milestones` here, factor `train.gamma`), not
-`train.schedule`. The schedule is expressed in shares of the budget (and `victim_every*` in epochs of a
-`reference_epochs` run), so `--epochs 30` runs the same method, rescaled, in minutes on a CPU (see schedule.py).
+run's `train` section. Two ways of running it:
+
+- the default keeps the model as good as undefended training at the budgets bdguard is run at: the Beneficiary
+  follows the run's own lr schedule, sees each credible sample once per epoch, takes back from S what it already
+  classifies as labelled, and the Victim is updated every `victim_every` epochs (docs/vab-default.md gives each
+  difference from the reference and the measurement behind it);
+- `preset=paper` is the reference code's method and schedule (V&B's own step schedule, two views, the Victim after
+  every 5th epoch in stage A and every epoch in stage B of a 200-epoch run), rescaled to any `--epochs` by shares
+  of the run (schedule.py).
 """
 
 from __future__ import annotations
@@ -15,6 +21,20 @@ from bdguard.config import check_range, coerce, from_dict, merge
 from bdguard.errors import BdguardError
 from bdguard.models import MODELS
 
+# the reference code's values of the settings where bdguard's default differs from it
+REFERENCE = {
+    "victim_model": "resnet18",
+    "lr_schedule": "vab",
+    "views": 2,
+    "refine": False,
+    "reuse_logits": False,
+    "evaluate_victim": "every",
+    "reference_epochs": 200,
+    "victim_every": 5,
+    "victim_every_b": 1,
+    "mix_share": 1.0,
+}
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -25,25 +45,20 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "paper": Preset(
-        200, {}, "the reference schedule on GPU: --model resnet18 --epochs 200 (lr 0.1, batch 128, ResNet-18 Victim)"
+        200,
+        REFERENCE,
+        "the reference method and schedule on GPU: --model resnet18 --epochs 200 (lr 0.1, batch 128, ResNet-18 Victim)",
     ),
     "cpu": Preset(
         30,
-        {"victim_model": "same"},
-        "the rescaled schedule for a CPU: --epochs 30 with a small model (e.g. --model small-cnn), Victim alike",
-    ),
-    # `bdguard demo` and the `cpu` bench suite: 20,000 Fashion-MNIST images, 3 epochs. The step milestones of a long
-    # run would leave the Beneficiary one epoch at full lr; here the lr drops once, for the last (stage B) epoch.
-    "demo": Preset(
-        3,
-        {"victim_model": "same", "milestones": (0.75,)},
-        "`bdguard demo`: --dataset fashion-mnist --train-size 20000 --model small-cnn --epochs 3",
+        {**REFERENCE, "victim_model": "same"},
+        "the reference method rescaled for a CPU: --epochs 30, a small model (e.g. --model small-cnn), Victim alike",
     ),
     # 31 Victim steps per epoch: the trigger is learned in the first epoch, the classes not yet by heart
     "smoke": Preset(
         4,
-        {"victim_model": "same", "victim_batch_size": 64},
-        "the end-to-end test: --dataset synthetic --model small-cnn --epochs 4 --batch-size 64",
+        {**REFERENCE, "victim_model": "same", "victim_batch_size": 64},
+        "the reference method in the end-to-end test: --dataset synthetic --model small-cnn --epochs 4 --batch-size 64",
     ),
 }
 
@@ -51,7 +66,7 @@ PRESETS: dict[str, Preset] = {
 @dataclass
 class VabParams:
     preset: str | None = None  # a name in PRESETS; explicitly given settings override the preset's
-    victim_model: str | None = "resnet18"  # None or "same": the Beneficiary's architecture (train.model)
+    victim_model: str | None = "same"  # None or "same": the Beneficiary's architecture (train.model)
     victim_lr: float = 1e-3  # Adam, constant
     victim_weight_decay: float = 5e-4  # coupled L2, as torch.optim.Adam does it
     victim_batch_size: int = 128
@@ -59,17 +74,25 @@ class VabParams:
     warm_up: int = 3  # one Victim epoch on all data, then warm_up - 1 filtered rounds before the Beneficiary starts
     tau_warm: tuple[float, ...] = (0.6, 0.2)  # threshold of warm-up scoring rounds 1, 2, ... (the last one repeats)
     tau: float = 0.2  # threshold of every later scoring round, on min-max-normalised entropy
-    reference_epochs: int = 200  # the budget at which victim_every and victim_every_b hold as given
-    victim_every: int = 5  # stage A: Victim update every this many epochs of a reference_epochs run
-    victim_every_b: int = 1  # stage B: likewise
+    reference_epochs: int | None = None  # victim_every* count epochs of a run this long; None: of this run
+    victim_every: int = 2  # stage A: Victim update every this many epochs (of a reference_epochs run)
+    victim_every_b: int = 2  # stage B: likewise
     stage_a_fraction: float = 0.5  # stage A (AttentionMix on C) takes this share of the epochs, stage B the rest
-    milestones: tuple[float, ...] = (0.25, 0.5, 0.75)  # Beneficiary lr x train.gamma after these shares of the run
+    lr_schedule: Literal["run", "vab"] = "run"  # run: the run's train.schedule per step; vab: V&B's step milestones
+    milestones: tuple[float, ...] = (0.25, 0.5, 0.75)  # lr_schedule=vab: lr x train.gamma after these shares
     alpha1: float = 0.1  # weight of the unlabelled loss in stage B before alpha_switch
     alpha2: float = 0.5  # ... and from alpha_switch on
     alpha_switch: float = 0.75  # share of the run after which alpha2 replaces alpha1
     temperature: float = 3.0  # the Victim's logits are divided by this before the softmax of the suppression
     mix_threshold: float = 0.1  # AttentionMix mixes where the normalised attention is at least this
+    mix_share: float = 0.0  # the share of each batch that AttentionMix mixes (the reference: all of it)
     upsample: Literal["nearest", "bilinear"] = "nearest"  # attention map to image size (nearest: the code)
+    views: int = 1  # augmented views of each sample per step (the reference: 2, so every sample counts twice)
+    refine: bool = True  # a flagged sample whose given label the Beneficiary already predicts goes back to C
+    refine_confidence: float = 0.0  # ... as its top class, with at least this softmax probability (eval mode)
+    refine_label_share: float = 0.5  # ... and only from labels whose flagged samples it confirms at least this often
+    reuse_logits: bool = True  # stage B's pseudo-labels from the unlabelled loss's own forward pass
+    evaluate_victim: Literal["every", "key"] = "key"  # the Victim's BA/ASR after every epoch, or the last only
 
     def __post_init__(self) -> None:
         if self.preset is not None and self.preset not in PRESETS:
@@ -87,7 +110,8 @@ class VabParams:
         for i, value in enumerate(self.tau_warm):
             check_range(f"vab.tau_warm[{i}]", value, 0.0, 1.0)
         check_range("vab.tau", self.tau, 0.0, 1.0)
-        check_range("vab.reference_epochs", self.reference_epochs, 1)
+        if self.reference_epochs is not None:
+            check_range("vab.reference_epochs", self.reference_epochs, 1)
         check_range("vab.victim_every", self.victim_every, 1)
         check_range("vab.victim_every_b", self.victim_every_b, 1)
         check_range("vab.stage_a_fraction", self.stage_a_fraction, 0.0, 1.0)
@@ -99,6 +123,11 @@ class VabParams:
         if not self.temperature > 0.0:
             raise BdguardError(f"vab.temperature must be > 0, got {self.temperature}")
         check_range("vab.mix_threshold", self.mix_threshold, 0.0, 1.0)
+        if self.views not in (1, 2):
+            raise BdguardError(f"vab.views must be 1 or 2, got {self.views}")
+        check_range("vab.refine_confidence", self.refine_confidence, 0.0, 1.0)
+        check_range("vab.refine_label_share", self.refine_label_share, 0.0, 1.0)
+        check_range("vab.mix_share", self.mix_share, 0.0, 1.0)
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> VabParams:

@@ -1,9 +1,13 @@
 """V&B as a training defense: the Victim/Beneficiary schedule of vab.md 9 on the run's budget, a checkpoint after
 the Victim's warm-up and after every Beneficiary epoch, and the run folder's V&B files.
 
-Run folder: checkpoint.pt (both networks and optimisers, entropy history, split, counters, metrics), metrics.jsonl
+Two splits: the Victim's (the entropy rule of vab.md 6; the Victim trains on its suspicious side) and the
+Beneficiary's, which with `refine` hands back to C the flagged samples whose given label the Beneficiary already
+predicts. Without `refine` they are the same.
+
+Run folder: checkpoint.pt (both networks and optimisers, entropy history, splits, counters, metrics), metrics.jsonl
 (one row per Beneficiary epoch), detector.jsonl (one row per scoring round), and at the end victim.safetensors,
-suspicious.csv (index, normalised entropy, suspicious yes/no) and entropy_hist.png.
+suspicious.csv (index, normalised entropy, suspicious yes/no: the Beneficiary's last split) and entropy_hist.png.
 """
 
 from __future__ import annotations
@@ -18,21 +22,25 @@ import torch
 from bdguard.config import to_dict
 from bdguard.defenses.base import DefenseConfig, TrainingDefense, TrainingJob
 from bdguard.defenses.registry import DEFENSES
-from bdguard.defenses.vab.beneficiary import Beneficiary, stage_a_epoch, stage_b_epoch
+from bdguard.defenses.vab.beneficiary import (
+    Beneficiary,
+    confirmed_labels,
+    label_agreement,
+    stage_a_epoch,
+    stage_b_epoch,
+)
 from bdguard.defenses.vab.config import PRESETS, VabParams
 from bdguard.defenses.vab.report import detector_metrics, plot_entropy_hist, stage_b_diagnostics, write_suspicious_csv
-from bdguard.defenses.vab.runtime import Runtime
 from bdguard.defenses.vab.schedule import make_schedule, threshold
-from bdguard.defenses.vab.victim import EntropyDetector, entropy_scores, split, victim_epoch
-from bdguard.io import write_jsonl
+from bdguard.defenses.vab.victim import EntropyDetector, entropy_scores, split, victim_epoch, victim_logits
 from bdguard.models import save_model
 from bdguard.progress import log
 from bdguard.training.config import TrainConfig
 from bdguard.training.factory import model_meta, new_model
-from bdguard.training.schedule import make_optimizer
-from bdguard.training.trainer import epoch_generator, load_checkpoint, make_augment, save_checkpoint
+from bdguard.training.runtime import Checkpoint, Runtime, check_finite, epoch_generator
+from bdguard.training.schedule import lr_factor, make_optimizer
+from bdguard.training.trainer import make_augment
 
-CHECKPOINT = "checkpoint.pt"  # the name the pipeline checks before refusing to overwrite a run
 DETECTOR_KEYS = ("tpr", "fpr", "precision", "residual", "auroc", "auprc", "suspicious", "credible")
 
 
@@ -41,7 +49,8 @@ class VabDefense(TrainingDefense):
     name = "vab"
     description = (
         "V&B (Zhu et al., ICCV 2023): a Victim learns the backdoor and flags low-entropy samples; the Beneficiary "
-        "trains on the rest with AttentionMix, then semi-supervised with the Victim's beliefs suppressed"
+        "takes back the flagged samples it already predicts as labelled, trains on the rest, then semi-supervised with "
+        "the Victim's beliefs suppressed (preset=paper: the reference method, with AttentionMix)"
     )
     Params = VabParams
 
@@ -81,7 +90,7 @@ class _VabRun:
         self.job, self.params = job, params
         self.data = job.poisoned.train
         self.schedule = make_schedule(job.train.epochs, params)
-        self.runtime = Runtime.create(job.device, job.train.amp, job.train.channels_last, job.quiet)
+        self.runtime = Runtime(job.device, job.train.amp, job.train.channels_last, job.quiet)
         self.victim_config = victim_train_config(job.train, params)
         net = self.runtime.prepare(job.new_model())
         self.beneficiary = Beneficiary(
@@ -98,7 +107,9 @@ class _VabRun:
             self.victim.parameters(), lr=params.victim_lr, weight_decay=params.victim_weight_decay
         )
         self.detector = EntropyDetector(params.ema)
-        self.suspicious = torch.zeros(len(self.data), dtype=torch.bool, device=job.device)
+        self.logits = torch.zeros(len(self.data), job.bundle.num_classes, device=job.device)  # the Victim's, last round
+        self.flagged = torch.zeros(len(self.data), dtype=torch.bool, device=job.device)  # the Victim's split
+        self.suspicious = self.flagged  # the Beneficiary's split
         self.victim_epochs = 0
         self.epoch = 0  # the last finished Beneficiary epoch
         self.history: list[dict[str, Any]] = []  # one row per Beneficiary epoch
@@ -106,7 +117,11 @@ class _VabRun:
         self.snapshots: dict[int, dict[str, Any]] = {}  # normalised entropy at the key rounds, for the histogram
         self.seconds = dict.fromkeys(("warm_up", "stage_a", "stage_b", "victim", "evaluation"), 0.0)
         self.key_rounds = self._key_rounds()
-        self.checkpoint = job.run_dir / CHECKPOINT if job.run_dir is not None else None
+        self.checkpoint = (
+            Checkpoint(job.run_dir, job.fingerprint, {"metrics.jsonl": "history", "detector.jsonl": "rounds"})
+            if job.run_dir is not None
+            else None
+        )
 
     def _key_rounds(self) -> dict[int, str]:
         first = self.params.warm_up
@@ -125,7 +140,7 @@ class _VabRun:
             log(f"V&B: preset {name} was made for {PRESETS[name].epochs} epochs ({PRESETS[name].note}); rescaling")
         if self.job.resume and self.checkpoint is not None and self.checkpoint.exists():
             self._load()
-            log(f"V&B: resuming after epoch {self.epoch} from {self.checkpoint}")
+            log(f"V&B: resuming after epoch {self.epoch} from {self.checkpoint.path}")
         else:
             began = time.perf_counter()
             self._warm_up()
@@ -151,17 +166,18 @@ class _VabRun:
             label,
         )
         self.victim_epochs += 1
+        check_finite(loss, label, f"the Victim's learning rate (vab.victim_lr = {self.params.victim_lr:g})")
         return loss
 
     def _score(self, after_epoch: int) -> None:
         """A scoring round: re-score every training sample, smooth, normalise, split; report against ground truth."""
-        scores = entropy_scores(self.victim, self.data.images, self.job.train.eval_batch_size, self.runtime)
-        normalised = self.detector.update(scores)
+        self.logits = victim_logits(self.victim, self.data.images, self.job.train.eval_batch_size, self.runtime)
+        normalised = self.detector.update(entropy_scores(self.logits))
         number = self.detector.rounds
         tau = threshold(number, self.params)
-        self.suspicious = split(normalised, tau)
+        self.flagged = self.suspicious = split(normalised, tau)
         row = {"round": number, "after_epoch": after_epoch, "tau": tau}
-        row.update(detector_metrics(normalised, self.suspicious, self.job.poisoned))
+        row.update(detector_metrics(normalised, self.flagged, self.job.poisoned))
         self.rounds.append(row)
         if number in self.key_rounds:
             self.snapshots[number] = {"label": self.key_rounds[number], "tau": tau, "normalised": normalised.cpu()}
@@ -172,32 +188,62 @@ class _VabRun:
         self._train_victim(torch.arange(len(self.data), device=self.job.device), "victim warm-up (all data)")
         for _ in range(self.params.warm_up - 1):
             self._score(after_epoch=0)
-            self._train_victim(_indices(self.suspicious), f"victim warm-up round {self.detector.rounds}")
+            self._train_victim(_indices(self.flagged), f"victim warm-up round {self.detector.rounds}")
         self._score(after_epoch=0)
 
     # -- the Beneficiary ---------------------------------------------------------------------------------------
 
+    def _lr(self, epoch: int):
+        """The Beneficiary's lr within `epoch`, as a function of the share of the epoch done."""
+        train, epochs = self.job.train, self.schedule.epochs
+        if self.params.lr_schedule == "vab":
+            lr = train.lr * self.schedule.lr_factor(epoch, train.gamma)
+            return lambda done: lr
+        return lambda done: train.lr * lr_factor(train, (epoch - 1 + done) / epochs)
+
+    def _refine(self) -> int:
+        """The Beneficiary's split: the Victim's suspicious samples minus those whose given label the Beneficiary
+        already predicts confidently, from labels whose flagged samples it mostly confirms. Returns how many went
+        back to C."""
+        flagged = _indices(self.flagged)
+        if not self.params.refine or self.epoch == 0 or flagged.numel() == 0:
+            self.suspicious = self.flagged
+            return 0
+        agree = label_agreement(
+            self.beneficiary.model,
+            self.data,
+            flagged,
+            self.job.train.eval_batch_size,
+            self.runtime,
+            self.params.refine_confidence,
+        )
+        agree &= confirmed_labels(self.data.labels[flagged], agree, self.params.refine_label_share)
+        self.suspicious = self.flagged.clone()
+        self.suspicious[flagged[agree]] = False
+        return int(agree.sum())
+
     def _epoch(self, epoch: int) -> None:
         train, schedule = self.job.train, self.schedule
         began = time.perf_counter()
-        lr = train.lr * schedule.lr_factor(epoch, train.gamma)
-        for group in self.beneficiary.optimizer.param_groups:
-            group["lr"] = lr
+        returned = self._refine()
         stage = schedule.stage(epoch)
         generator = epoch_generator(train.seed, epoch, self.job.device)
         credible, suspicious = _indices(~self.suspicious), _indices(self.suspicious)
         label = f"V&B stage {stage} epoch {epoch}/{schedule.epochs}"
-        row: dict[str, Any] = {"epoch": epoch, "stage": stage, "lr": lr}
+        lr = self._lr(epoch)
+        row: dict[str, Any] = {"epoch": epoch, "stage": stage, "lr": lr(0.0), "returned": returned}
+        row["split"] = detector_metrics(self.detector.normalised(), self.suspicious, self.job.poisoned)
         if stage == "A":
             row["alpha"] = None
-            row.update(stage_a_epoch(self.beneficiary, self.data, credible, generator, label))
+            row.update(stage_a_epoch(self.beneficiary, self.data, credible, generator, label, lr))
         else:
             row["alpha"] = alpha = schedule.alpha(epoch, self.params)
             result = stage_b_epoch(
-                self.beneficiary, self.victim, self.data, credible, suspicious, alpha, generator, label
+                self.beneficiary, self.logits, self.data, credible, suspicious, alpha, generator, label, lr
             )
             row.update(result.metrics)
             row.update(stage_b_diagnostics(result.suppression_weight, result.pseudo_label, self.job.poisoned))
+        check_finite(row["loss"], label, f"the learning rate (train.lr = {train.lr:g})")
         row["train_seconds"] = time.perf_counter() - began
         self.seconds["stage_a" if stage == "A" else "stage_b"] += row["train_seconds"]
 
@@ -205,14 +251,16 @@ class _VabRun:
         row["victim_loss"] = None
         if row["victim_updated"]:
             began_victim = time.perf_counter()
-            row["victim_loss"] = self._train_victim(suspicious, f"victim after epoch {epoch}")
+            row["victim_loss"] = self._train_victim(_indices(self.flagged), f"victim after epoch {epoch}")
             self._score(after_epoch=epoch)
             self.seconds["victim"] += time.perf_counter() - began_victim
 
         began_eval = time.perf_counter()
         row.update(self.job.evaluate(self.beneficiary.model))
-        victim = self.job.evaluate(self.victim)
-        row["victim_ba"], row["victim_asr"] = victim["ba"], victim["asr"]
+        row["victim_ba"] = row["victim_asr"] = None
+        if self.params.evaluate_victim == "every" or epoch == schedule.epochs:
+            victim = self.job.evaluate(self.victim)
+            row["victim_ba"], row["victim_asr"] = victim["ba"], victim["asr"]
         self.seconds["evaluation"] += time.perf_counter() - began_eval
         row["detector"] = dict(self.rounds[-1])
         row["seconds"] = time.perf_counter() - began
@@ -226,32 +274,32 @@ class _VabRun:
         if self.checkpoint is None:
             return
         state = {
-            "fingerprint": self.job.fingerprint,
             "epoch": self.epoch,
             "beneficiary": self.beneficiary.model.state_dict(),
             "beneficiary_optimizer": self.beneficiary.optimizer.state_dict(),
             "victim": self.victim.state_dict(),
             "victim_optimizer": self.victim_optimizer.state_dict(),
             "detector": self.detector.state_dict(),
+            "logits": self.logits,
+            "flagged": self.flagged,
             "suspicious": self.suspicious,
             "victim_epochs": self.victim_epochs,
             "history": self.history,
             "rounds": self.rounds,
             "snapshots": self.snapshots,
             "seconds": self.seconds,
-            "elapsed": self.job.clock.elapsed(),
         }
-        save_checkpoint(self.checkpoint, state)
-        write_jsonl(self.checkpoint.parent / "metrics.jsonl", self.history)
-        write_jsonl(self.checkpoint.parent / "detector.jsonl", self.rounds)
+        self.checkpoint.save(state, self.job.clock)
 
     def _load(self) -> None:
-        state = load_checkpoint(self.checkpoint, self.job.device, self.job.fingerprint)
+        state = self.checkpoint.load(self.job.device, self.job.clock)
         self.beneficiary.model.load_state_dict(state["beneficiary"])
         self.beneficiary.optimizer.load_state_dict(state["beneficiary_optimizer"])
         self.victim.load_state_dict(state["victim"])
         self.victim_optimizer.load_state_dict(state["victim_optimizer"])
         self.detector.load_state_dict(state["detector"])
+        self.logits = state["logits"]
+        self.flagged = state["flagged"]
         self.suspicious = state["suspicious"]
         self.victim_epochs = int(state["victim_epochs"])
         self.epoch = int(state["epoch"])
@@ -259,17 +307,24 @@ class _VabRun:
         self.rounds = list(state["rounds"])
         self.snapshots = dict(state["snapshots"])
         self.seconds = dict(state["seconds"])
-        self.job.clock.before = float(state.get("elapsed", 0.0))
 
     def _finish(self) -> dict[str, Any]:
+        returned = self._refine()  # the split the final Beneficiary would train on next
         run_dir = self.job.run_dir
         if run_dir is not None:
             self._write_outputs(run_dir)
         last = self.history[-1]
         schedule = self.schedule
+        split_now = detector_metrics(self.detector.normalised(), self.suspicious, self.job.poisoned)
         return {
             "victim": {"ba": last["victim_ba"], "asr": last["victim_asr"]},
-            "detector": {"rounds": len(self.rounds), **{key: self.rounds[-1][key] for key in DETECTOR_KEYS}},
+            # the split the Beneficiary trained on last; `flagged` is the Victim's entropy rule alone
+            "detector": {
+                "rounds": len(self.rounds),
+                **{key: split_now[key] for key in DETECTOR_KEYS},
+                "flagged": int(self.flagged.sum()),
+                "returned": returned,
+            },
             "seconds_by_stage": {key: round(value, 2) for key, value in self.seconds.items()},
             "vab_schedule": {
                 "stage_a_epochs": schedule.stage_a,
@@ -313,7 +368,10 @@ def _epoch_summary(row: dict[str, Any], epochs: int) -> str:
     for key in ("ba", "asr", "ra"):
         if row.get(key) is not None:
             parts.append(f"{key.upper()} {row[key]:.3f}")
-    parts.append(f"victim BA {_fmt(row['victim_ba'])} ASR {_fmt(row['victim_asr'])}")
-    parts.append(f"|S| {row['detector']['suspicious']}")
+    if row["victim_ba"] is not None:
+        parts.append(f"victim BA {_fmt(row['victim_ba'])} ASR {_fmt(row['victim_asr'])}")
+    split_now = row["split"]
+    parts.append(f"|S| {split_now['suspicious']} (returned {row['returned']})")
+    parts.append(f"TPR {_fmt(split_now['tpr'])} FPR {_fmt(split_now['fpr'])}")
     parts.append(f"{row['seconds']:.1f}s")
     return "  ".join(parts)

@@ -6,7 +6,8 @@ Rescaling rule (E = the Beneficiary's epochs, at(f) = floor(f * E + 1/2)):
 - stage B uses alpha2 from epoch at(alpha_switch) + 1 on, alpha1 before;
 - the Victim is updated (one epoch on S, then a scoring round) after the epochs ceil(k * victim_every * E / R),
   k = 1, 2, ..., that fall in stage A, and after stage_a + ceil(k * victim_every_b * E / R) in stage B
-  (R = reference_epochs): the same update points, in shares of the run, as at R epochs; at most one per epoch.
+  (R = reference_epochs, or E when it is None: then victim_every counts this run's epochs): the same update points,
+  in shares of the run, as at R epochs; at most one per epoch.
 For E = 200: stage A 1-100; updates after 5, 10, ..., 100 and after every epoch 101-200; lr drops at epochs
 51, 101, 151; alpha2 from epoch 151.
 """
@@ -54,8 +55,9 @@ def _updates(start: int, end: int, every: int, epochs: int, reference: int) -> l
 
 def make_schedule(epochs: int, params: VabParams) -> VabSchedule:
     stage_a = min(_at(params.stage_a_fraction, epochs), epochs)
-    updates = _updates(0, stage_a, params.victim_every, epochs, params.reference_epochs)
-    updates += _updates(stage_a, epochs, params.victim_every_b, epochs, params.reference_epochs)
+    reference = params.reference_epochs or epochs
+    updates = _updates(0, stage_a, params.victim_every, epochs, reference)
+    updates += _updates(stage_a, epochs, params.victim_every_b, epochs, reference)
     return VabSchedule(
         epochs=epochs,
         stage_a=stage_a,

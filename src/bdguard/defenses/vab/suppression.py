@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 
-def pseudo_targets(probs_a: torch.Tensor, probs_b: torch.Tensor) -> torch.Tensor:
-    """One-hot argmax of the mean of two views' class probabilities; exact ties share the mass equally."""
-    mean = (probs_a + probs_b) / 2
+def pseudo_targets(*probs: torch.Tensor) -> torch.Tensor:
+    """One-hot argmax of the mean of the views' class probabilities; exact ties share the mass equally."""
+    mean = torch.stack(probs).mean(dim=0)
     hits = (mean == mean.amax(dim=1, keepdim=True)).to(mean.dtype)
     return hits / hits.sum(dim=1, keepdim=True)
 

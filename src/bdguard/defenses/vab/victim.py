@@ -13,9 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from bdguard.data.base import ImageSet
-from bdguard.defenses.vab.runtime import Runtime
 from bdguard.progress import progress_bar
-from bdguard.training.trainer import batch_indices, steps_per_epoch
+from bdguard.training.runtime import Runtime, batch_indices, steps_per_epoch
 
 
 def victim_epoch(
@@ -49,18 +48,23 @@ def victim_epoch(
 
 
 @torch.no_grad()
-def entropy_scores(model: torch.nn.Module, images: torch.Tensor, batch_size: int, runtime: Runtime) -> torch.Tensor:
-    """Per-sample prediction entropy / K (eval mode, no augmentation), batched; 0 log 0 counts as 0."""
+def victim_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int, runtime: Runtime) -> torch.Tensor:
+    """The network's float logits for every image (eval mode, no augmentation), batched. A scoring round reads the
+    entropy from them, and stage B its suppression beliefs: the Victim does not change in between."""
     was_training = model.training
     model.eval()
-    scores = []
+    logits = []
     for start in range(0, images.shape[0], batch_size):
         with runtime.autocast():
-            logits = model(runtime.inputs(images[start : start + batch_size]))
-        probs = F.softmax(logits.float(), dim=1)
-        scores.append(-torch.xlogy(probs, probs).sum(dim=1) / probs.shape[1])
+            logits.append(model(runtime.inputs(images[start : start + batch_size])).float())
     model.train(was_training)
-    return torch.cat(scores)
+    return torch.cat(logits)
+
+
+def entropy_scores(logits: torch.Tensor) -> torch.Tensor:
+    """Per-sample prediction entropy / K; 0 log 0 counts as 0."""
+    probs = F.softmax(logits.float(), dim=1)
+    return -torch.xlogy(probs, probs).sum(dim=1) / probs.shape[1]
 
 
 class EntropyDetector:

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# V&B's ablation (issue 13): which part of V&B costs which accuracy and which time, beside undefended training of
+# the same budget, schedule shape, augmentation and machine load.
+#
+# Usage: benchmarks/vab_ablation.sh SETTING ATTACK VARIANT... [-- EXTRA FLAGS]
+#   SETTING: fmnist (Fashion-MNIST, TRAIN_SIZE images (default 20,000), small-cnn, EPOCHS epochs (default 30),
+#            one-cycle lr 0.05) or cifar (CIFAR-10 JPEG copy, resnet20, EPOCHS (default 20), one-cycle lr 0.1)
+#   ATTACK:  badnets, blended, wanet or sig (sig poisons SIG_RATE of the target class, default 0.5)
+#   VARIANT: a name below; `all` runs every one in order.
+# Each run lands in $OUT/SETTING-ATTACK/VARIANT (default OUT=runs/vab-ablation), resumes from its checkpoint and is
+# skipped once finished; `python benchmarks/collect.py --ratio $OUT/SETTING-ATTACK` prints the table.
+set -euo pipefail
+SETTING=${1:?usage: vab_ablation.sh fmnist|cifar ATTACK VARIANT...}
+ATTACK=${2:?usage: vab_ablation.sh fmnist|cifar ATTACK VARIANT...}
+shift 2
+THREADS=${THREADS:-0}
+OUT=${OUT:-runs/vab-ablation}
+case $SETTING in
+fmnist)
+    COMMON=(--dataset fashion-mnist --train-size "${TRAIN_SIZE:-20000}" --model small-cnn --epochs "${EPOCHS:-30}"
+        --lr 0.05 --schedule onecycle)
+    ;;
+cifar)
+    COMMON=(--dataset cifar10 --data-root "${CIFAR:-../shared/data/cifar10-jpeg.tar.xz}" --model resnet20
+        --epochs "${EPOCHS:-20}" --lr 0.1 --schedule onecycle)
+    ;;
+*) echo "unknown setting $SETTING" >&2; exit 2 ;;
+esac
+case $ATTACK in
+sig) POISON=(--attack sig --rate "${SIG_RATE:-0.5}") ;;
+*) POISON=(--attack "$ATTACK" --rate 0.1) ;;
+esac
+COMMON+=("${POISON[@]}" --target 0 --threads "$THREADS" --quiet)
+
+# name: the flags of the variant. "paper" is the reference method rescaled to the budget (V&B's own step schedule,
+# two views, AttentionMix on every image, the Victim after every epoch at these budgets) with the Victim alike the
+# Beneficiary so it fits a CPU. The "filter" rows build the method up from the Victim's split; the other rows start
+# from the default and change one lever.
+declare -A VARIANTS=(
+    [none]="--defense none"
+    [paper]="--defense vab --set vab.preset=cpu"
+    [default]="--defense vab"
+    [filter]="--defense vab --set vab.refine=false --set vab.stage_a_fraction=1"
+    [filter-mix]="--defense vab --set vab.refine=false --set vab.mix_share=1 --set vab.stage_a_fraction=1"
+    [filter-mix-b]="--defense vab --set vab.refine=false --set vab.mix_share=1"
+    [no-refine]="--defense vab --set vab.refine=false"
+    [no-label-gate]="--defense vab --set vab.refine_label_share=0"
+    [mix]="--defense vab --set vab.mix_share=1"
+    [half-mix]="--defense vab --set vab.mix_share=0.5"
+    [no-stage-b]="--defense vab --set vab.stage_a_fraction=1"
+    [two-views]="--defense vab --set vab.views=2"
+    [vab-schedule]="--defense vab --set vab.lr_schedule=vab"
+)
+ORDER=(none paper default filter filter-mix filter-mix-b no-refine no-label-gate mix half-mix no-stage-b two-views vab-schedule)
+
+EXTRA=()
+NAMES=()
+while (($#)); do
+    if [[ $1 == -- ]]; then
+        shift
+        EXTRA=("$@")
+        break
+    fi
+    NAMES+=("$1")
+    shift
+done
+[[ ${NAMES[0]:-} == all ]] && NAMES=("${ORDER[@]}")
+
+for name in "${NAMES[@]}"; do
+    [[ -n ${VARIANTS[$name]+x} ]] || { echo "unknown variant $name (known: ${ORDER[*]})" >&2; exit 2; }
+    dir=$OUT/$SETTING-$ATTACK/$name
+    if [[ -f $dir/results.json ]]; then
+        echo "skip $dir (finished)"
+        continue
+    fi
+    # shellcheck disable=SC2086  # the variant's flags are words
+    echo "run $dir: bdguard train ${COMMON[*]} ${VARIANTS[$name]} ${EXTRA[*]}"
+    bdguard train "${COMMON[@]}" ${VARIANTS[$name]} "${EXTRA[@]}" --out "$dir" --resume
+done
