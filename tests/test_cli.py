@@ -89,6 +89,32 @@ def test_evaluate_refuses_a_model_of_another_shape(trained, capsys):
     assert_one_line_error(code, err, "expects 10 classes of (3, 16, 16) images")
 
 
+def test_evaluate_never_writes_into_a_run_folder(trained, capsys):
+    before = (trained / "results.json").read_text()
+    model = str(trained / "model.safetensors")
+    code, _, err = run_cli(capsys, "evaluate", "--model", model, "--dataset", "synthetic", "--out", str(trained))
+    assert_one_line_error(code, err, "holds a training run: choose another --out for evaluate")
+    assert (trained / "results.json").read_text() == before
+
+
+def test_sigterm_stops_a_run_like_ctrl_c(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "bdguard.cli.main", *TRAIN[:6], "40", "--threads", "1", "--out", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.pt").exists():
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended or stalled before its first epoch"
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143
+    assert err.strip().splitlines()[-1] == "bdguard: terminated; finished files are kept (continue with --resume)"
+    assert (out / "checkpoint.pt").exists() and not (out / "model.safetensors").exists()
+
+
 def test_existing_run_needs_resume(trained, capsys):
     code, _, err = run_cli(capsys, *TRAIN, "--attack", "badnets", "--set", "patch_size=4", "--out", str(trained))
     assert_one_line_error(code, err, "--resume")

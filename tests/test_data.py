@@ -316,6 +316,26 @@ def test_cifar10_from_a_tar_xz_and_from_its_unpacked_folder(tmp_path):
     assert len(load_dataset(DataConfig("cifar10", data_root=str(unpacked))).train) == 20
 
 
+def test_archive_members_outside_the_tree_are_skipped_and_reported(tmp_path, capsys, monkeypatch):
+    archive = tmp_path / "tiny.tar.xz"
+    make_cifar_archive(archive)
+    with tarfile.open(archive, "r:xz") as tar:
+        members = [(info, tar.extractfile(info).read()) for info in tar if info.isfile()]
+    hostile = tmp_path / "hostile.tar.xz"
+    with tarfile.open(hostile, "w:xz") as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data))
+        for name in ("/x/train/cat/evil.jpg", "../train/cat/evil.jpg", "train/../train/cat/evil.jpg"):
+            data = jpeg_bytes(color(3))
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    monkeypatch.setenv("BDGUARD_CACHE", str(tmp_path / "cache"))
+    bundle = load_dataset(DataConfig("cifar10", data_root=str(hostile)))
+    assert_cifar_like(bundle, 20, 10)  # not one of the three was taken in
+    assert "skipped 3 member(s) with an absolute or '..' path, e.g. /x/train/cat/evil.jpg" in capsys.readouterr().err
+
+
 def test_cifar10_default_search_and_status(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", tmp_path / "no-debian")

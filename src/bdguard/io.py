@@ -11,6 +11,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from bdguard.errors import BdguardError
+
+LOCK = ".lock"  # a run folder's lock file (run_lock)
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # reading the umask means setting it: put it straight back
 
@@ -34,8 +38,55 @@ def atomic_path(path: str | Path):
 
 
 def write_with(path: str | Path, writer: Callable[[BinaryIO], None]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        writer(handle)
+    """Write through `writer` atomically; a full or read-only disk is bad input (one message), and the file that
+    was there before stays as it was."""
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+            writer(handle)
+    except OSError as exc:
+        raise BdguardError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+@contextmanager
+def run_lock(folder: str | Path):
+    """Hold `folder` for this process: a second bdguard process that wants to write there is refused at once. The
+    lock is the kernel's (flock on `folder/.lock`), so a process that dies, even by kill -9, never leaves it stuck.
+    Holding it, the temporary files of writes that a killed process left behind (atomic_path's) are removed."""
+    import fcntl  # POSIX only, like the rest of the run folder's guarantees
+
+    path = Path(folder) / LOCK
+    handle = open(path, "a+")  # noqa: SIM115 (held open for the lock's lifetime)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise BdguardError(
+                f"{folder} is being written by another bdguard process ({holder}); wait for it to end, or choose "
+                "another --out"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        for stale in Path(folder).glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+        yield
+    finally:
+        handle.close()  # closing releases the lock
+
+
+def check_writable(folder: str | Path) -> None:
+    """Create `folder` if needed and prove a file can be written there, before any work starts."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise BdguardError(f"cannot write to {folder}: {exc.strerror or exc}") from None
 
 
 def write_text(path: str | Path, text: str) -> None:

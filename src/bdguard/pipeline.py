@@ -16,13 +16,13 @@ import numpy as np
 import torch
 
 from bdguard import __version__
-from bdguard.attacks import ATTACKS, Attack, AttackConfig, AttackContext, PoisonedSet, TriggeredSet, build_attack
+from bdguard.attacks import Attack, AttackConfig, AttackContext, PoisonedSet, TriggeredSet, build_attack, check_attack
 from bdguard.attacks.store import load_poisoned, poison_key, store_poisoned
 from bdguard.config import check_range, from_dict, to_dict
 from bdguard.data import DataBundle, DataConfig, load_dataset
 from bdguard.defenses import DefenseConfig, TrainingDefense, TrainingJob, build_defense
 from bdguard.errors import BdguardError
-from bdguard.io import write_json, write_with
+from bdguard.io import check_writable, run_lock, write_json, write_with
 from bdguard.models import MODELS, ModelMeta, load_model, save_model
 from bdguard.progress import log
 from bdguard.training import TrainConfig, evaluate, resolve_device
@@ -71,11 +71,14 @@ def prepare_data(config: DataConfig, device: torch.device) -> DataBundle:
     return bundle.to(device)
 
 
-def _check_out_dir(out: Path, resume: bool) -> None:
+def refuse_run_folder(out: Path, command: str, models_too: bool = True) -> None:
+    """A run's folder belongs to its run: another command's files there (results.json above all) would replace the
+    run's. Refuses a training run's folder, and with `models_too` any folder holding a model."""
     if out.exists() and not out.is_dir():
         raise BdguardError(f"--out {out} exists and is not a folder")
-    if not resume and (out / CHECKPOINT).exists():
-        raise BdguardError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    if (out / CHECKPOINT).exists() or (models_too and (out / "model.safetensors").exists()):
+        kind = "a training run" if (out / CHECKPOINT).exists() else "a model"
+        raise BdguardError(f"{out} holds {kind}: choose another --out for {command}")
 
 
 def _poisoned_data(
@@ -117,13 +120,29 @@ def run_train(
     `poison_store`: a folder of stored poisoned sets (`attacks/store.py`) to read the poisoned set from, or to
     add it to; runs on the same set then poison once."""
     out = Path(out)
-    _check_out_dir(out, resume)
+    if out.exists() and not out.is_dir():
+        raise BdguardError(f"--out {out} exists and is not a folder")
     defense = build_defense(config.defense)
     if not isinstance(defense, TrainingDefense):
         raise BdguardError(f"defense {defense.name} acts on a trained model: use `bdguard prune`, not `train`")
     # unknown names fail before the data set loads
-    ATTACKS.get(config.attack.name)
+    check_attack(config.attack)
     MODELS.get(config.train.model)
+    check_writable(out)  # before minutes of decoding and training, not after
+    with run_lock(out):
+        if not resume and (out / CHECKPOINT).exists():
+            raise BdguardError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+        return _train(config, defense, out, resume, quiet, poison_store)
+
+
+def _train(
+    config: RunConfig,
+    defense: TrainingDefense,
+    out: Path,
+    resume: bool,
+    quiet: bool,
+    poison_store: str | Path | None,
+) -> dict[str, Any]:
     device = resolve_device(config.train.device)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
@@ -197,12 +216,10 @@ def run_poison(
     to its model. Only what `attack.prepare` needs is trained. `poison_store` as in `run_train`.
     """
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise BdguardError(f"--out {out} exists and is not a folder")
-    if (out / CHECKPOINT).exists() or (out / "model.safetensors").exists():
-        raise BdguardError(f"{out} holds a training run: choose another --out for poison")
+    refuse_run_folder(out, "poison")
     check_range("gallery rows", rows, 1)
-    ATTACKS.get(config.attack.name)  # an unknown name fails before the data set loads
+    check_attack(config.attack)  # before the data set loads
+    check_writable(out)
     device = resolve_device(config.train.device)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
@@ -268,6 +285,9 @@ def run_evaluate(
     batch_size: int = 512,
 ) -> dict[str, Any]:
     """BA/ASR/RA of a saved model; the attack defaults to the one recorded in the model file."""
+    if out is not None:
+        refuse_run_folder(Path(out), "evaluate")
+        check_writable(out)
     torch_device = resolve_device(device)
     model, meta = load_model(model_path, torch_device)
     attack = attack or recorded_attack(meta)

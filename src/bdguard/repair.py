@@ -15,19 +15,18 @@ from typing import Any
 
 import torch
 
-from bdguard.attacks import ATTACKS, AttackConfig, AttackContext, build_attack
+from bdguard.attacks import AttackConfig, AttackContext, build_attack, check_attack
 from bdguard.config import check_range, from_dict, to_dict
 from bdguard.data import DataBundle, DataConfig, ImageSet
 from bdguard.data.sources import ImageDecoder
 from bdguard.data.sources.imagefolder import read_labelled_dir
 from bdguard.defenses import DefenseConfig, PostTrainingDefense, RepairJob, build_defense
 from bdguard.errors import BdguardError
-from bdguard.io import write_json
+from bdguard.io import check_writable, write_json
 from bdguard.models import load_model, save_model
-from bdguard.pipeline import check_model_data, environment, prepare_data, recorded_attack
+from bdguard.pipeline import check_model_data, environment, prepare_data, recorded_attack, refuse_run_folder
 from bdguard.progress import log
 from bdguard.training import Evaluator, TrainConfig, resolve_device
-from bdguard.training.runtime import CHECKPOINT
 
 TEST_HOLDOUT = "test-holdout"
 DEFAULT_DEFENSE = "linf-prune"
@@ -102,10 +101,7 @@ def take_probe(bundle: DataBundle, config: ProbeConfig) -> tuple[ImageSet, Image
 
 
 def _check_out_dir(out: Path, model_path: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise BdguardError(f"--out {out} exists and is not a folder")
-    if (out / CHECKPOINT).exists():
-        raise BdguardError(f"{out} holds a training run: choose another --out for prune")
+    refuse_run_folder(out, "prune", models_too=False)  # an earlier repair's folder may be repaired into again
     if (out / "model.safetensors").resolve() == model_path.resolve():
         raise BdguardError(f"--out {out} would overwrite the model being repaired; choose another folder")
 
@@ -125,7 +121,8 @@ def run_prune(config: PruneConfig, model_path: str | Path, out: str | Path, quie
         torch.set_num_threads(config.train.threads)
     model, meta = load_model(model_path, device)
     attack_config = config.attack or recorded_attack(meta)
-    ATTACKS.get(attack_config.name)  # an unknown name fails before the data set loads
+    check_attack(attack_config)  # before the data set loads
+    check_writable(out)
     began = time.perf_counter()
     bundle = prepare_data(config.data, device)
     check_model_data(meta, bundle, model_path)

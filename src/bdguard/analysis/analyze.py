@@ -20,7 +20,7 @@ import torch
 
 from bdguard.analysis.activation_norms import NORMS, activation_stats, shift_summary
 from bdguard.analysis.gradcam import GridColumn, changed_pixels, gradcam_grid, grid_cells
-from bdguard.attacks import ATTACKS, AttackConfig, AttackContext, build_attack
+from bdguard.attacks import AttackConfig, AttackContext, build_attack, check_attack
 from bdguard.config import check_range, from_dict, to_dict
 from bdguard.data import DataConfig
 from bdguard.defenses.neural_cleanse import NcParams, ReversedTrigger, reverse_engineer, write_trigger_image
@@ -108,7 +108,7 @@ def run_analyze(
         loaded = {"clean-trained": (*load_model(clean_model_path, device), clean_model_path), **loaded}
     models = [(name, m) for name, (m, _, _) in loaded.items()]
     attack_config = config.attack or recorded_attack(meta)
-    ATTACKS.get(attack_config.name)  # an unknown name fails before the data set loads
+    check_attack(attack_config)  # before the data set loads
     began = time.perf_counter()
     bundle = prepare_data(config.data, device)
     for _, m_meta, path in loaded.values():

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from bdguard import __version__
@@ -93,16 +95,30 @@ def build_parser() -> Parser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, what schedulers and `docker stop` send: handled like Ctrl-C."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    in_main_thread = threading.current_thread() is threading.main_thread()  # only there can a handler be set
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         args = build_parser().parse_args(argv)
         return args.handler(args)
     except BdguardError as exc:
         print(f"bdguard: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("bdguard: interrupted; finished files are kept (continue with --resume)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        print(f"bdguard: {what}; finished files are kept (continue with --resume)", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # python -m bdguard.cli.main

@@ -145,7 +145,13 @@ class Checkpoint:
 
     def save(self, state: dict[str, Any], clock: RunClock) -> None:
         state = {**state, "fingerprint": self.fingerprint, "elapsed": clock.elapsed()}
-        write_with(self.path, lambda handle: torch.save(state, handle))
+        try:
+            write_with(self.path, lambda handle: torch.save(state, handle))
+        except RuntimeError as exc:  # torch's zip writer reports a full disk as a RuntimeError
+            raise BdguardError(
+                f"cannot write {self.path} ({str(exc).splitlines()[0]}): is the disk full? The previous checkpoint "
+                "is kept; continue with --resume once there is room"
+            ) from None
         self._write_logs(state)
 
     def load(self, device: torch.device, clock: RunClock) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from PIL import Image
 
 from bdguard.data.config import DataConfig
 from bdguard.errors import BdguardError
+from bdguard.progress import log
 from bdguard.registry import Registry
 
 IMAGE_EXTENSIONS = frozenset(
@@ -240,16 +241,24 @@ def is_image_name(path: PurePosixPath | Path) -> bool:
 
 
 def iter_tar_xz(archive: Path) -> Iterator[tuple[PurePosixPath, bytes]]:
-    """(member path, content) of every regular file in a .tar.xz, streamed: nothing is extracted to disk."""
+    """(member path, content) of every regular file in a .tar.xz, streamed: nothing is extracted to disk. Members
+    whose path is absolute or climbs out with '..' are no part of a data set's layout: skipped, counted, reported."""
+    skipped: list[str] = []
     try:
         with tarfile.open(archive, "r:xz") as tar:
             for member in tar:
+                path = PurePosixPath(member.name)
+                if path.is_absolute() or ".." in path.parts:
+                    skipped.append(member.name)
+                    continue
                 if member.isfile():
                     file = tar.extractfile(member)
                     if file is not None:
-                        yield PurePosixPath(member.name), file.read()
+                        yield path, file.read()
     except (tarfile.TarError, lzma.LZMAError, EOFError, OSError) as exc:
         raise BdguardError(f"{archive} is not a readable .tar.xz archive ({exc})") from None
+    if skipped:
+        log(f"warning: {archive}: skipped {len(skipped)} member(s) with an absolute or '..' path, e.g. {skipped[0]}")
 
 
 class ImageDecoder:

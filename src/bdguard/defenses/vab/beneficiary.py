@@ -222,10 +222,10 @@ def label_agreement(
 def confirmed_labels(labels: torch.Tensor, agree: torch.Tensor, share: float) -> torch.Tensor:
     """Per sample: does the Beneficiary confirm at least `share` of the flagged samples that carry its label?
 
-    An easy clean class is flagged as a whole and confirmed almost as a whole. The label a poison-label attack
-    relabels to is flagged mostly for its poison, which the Beneficiary disputes, so none of that label goes back,
-    not even what the Beneficiary happens to predict as labelled: once it starts to learn the trigger, that would be
-    more poison each epoch (measured: ASR 4-11 % where the per-label rule gives <= 2 %; docs/methods/vab.md)."""
+    Meant to keep the label a poison-label attack relabels to (flagged mostly for its poison, which the Beneficiary
+    disputes) out of what goes back. Off by default (share 0): on Fashion-MNIST it also kept back the trousers, which
+    the Victim flags almost whole (1,616 of 1,740), so that the Beneficiary, having seen only the rest, confirmed too
+    few of them to pass; without it they come back one by one and teach it the class (docs/methods/vab.md)."""
     counts = torch.bincount(labels)
     confirmed = torch.bincount(labels, weights=agree.float(), minlength=counts.numel())
     return (confirmed >= share * counts)[labels]

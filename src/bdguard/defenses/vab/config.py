@@ -90,7 +90,7 @@ class VabParams:
     views: int = 1  # augmented views of each sample per step (the reference: 2, so every sample counts twice)
     refine: bool = True  # a flagged sample whose given label the Beneficiary already predicts goes back to C
     refine_confidence: float = 0.0  # ... as its top class, with at least this softmax probability (eval mode)
-    refine_label_share: float = 0.5  # ... and only from labels whose flagged samples it confirms at least this often
+    refine_label_share: float = 0.0  # ... and only from labels whose flagged samples it confirms at least this often
     reuse_logits: bool = True  # stage B's pseudo-labels from the unlabelled loss's own forward pass
     evaluate_victim: Literal["every", "key"] = "key"  # the Victim's BA/ASR after every epoch, or the last only
 

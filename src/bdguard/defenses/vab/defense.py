@@ -203,8 +203,8 @@ class _VabRun:
 
     def _refine(self) -> int:
         """The Beneficiary's split: the Victim's suspicious samples minus those whose given label the Beneficiary
-        already predicts confidently, from labels whose flagged samples it mostly confirms. Returns how many went
-        back to C."""
+        already predicts (with `refine_label_share`, only from labels whose flagged samples it confirms that often).
+        Returns how many went back to C."""
         flagged = _indices(self.flagged)
         if not self.params.refine or self.epoch == 0 or flagged.numel() == 0:
             self.suspicious = self.flagged

@@ -1,0 +1,101 @@
+"""What a careless or hostile user meets: read-only and full disks, signals. Each case exits 2 with one line and
+leaves what was on disk as it was. CI runs as root, where permission bits stop nothing, so read-only and full disks
+are simulated by a writer that raises the errors the kernel would."""
+
+import errno
+
+import pytest
+import torch
+
+import bdguard.io
+from bdguard.cli.main import main
+from cli_helpers import assert_one_line_error, run_cli
+
+TRAIN = ["train", "--dataset", "synthetic", "--attack", "badnets", "--model", "small-cnn", "--threads", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hardening") / "run"
+    assert main([*TRAIN, "--epochs", "1", "--out", str(out)]) == 0
+    return out
+
+
+def _read_only(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(bdguard.io.tempfile, "mkstemp", refuse)
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "prune"])
+def test_a_read_only_output_folder_is_refused_before_any_work(trained, tmp_path, capsys, monkeypatch, command):
+    model = ["--model", str(trained / "model.safetensors"), "--dataset", "synthetic"]
+    argv = {
+        "train": [*TRAIN, "--epochs", "1"],
+        "evaluate": ["evaluate", *model],
+        "prune": ["prune", *model, "--defense", "random-prune"],
+    }[command]
+    loaded = []
+    monkeypatch.setattr("bdguard.pipeline.load_dataset", lambda *a, **k: loaded.append(1))
+    _read_only(monkeypatch)
+    code, _, err = run_cli(capsys, *argv, "--out", str(tmp_path / "out"))
+    assert_one_line_error(code, err, "Read-only file system")
+    assert "cannot write to" in err and not loaded  # refused before the data set was even read
+    assert not any((tmp_path / "out").glob("*"))
+
+
+@pytest.mark.parametrize(
+    "failure, fragment",
+    [
+        (RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos 123 vs 456"), "is the disk full?"),
+        (OSError(errno.ENOSPC, "No space left on device"), "No space left on device"),
+    ],
+)
+def test_a_full_disk_stops_the_run_with_its_last_checkpoint_intact(tmp_path, capsys, monkeypatch, failure, fragment):
+    out = tmp_path / "run"
+    real_save = torch.save
+    calls = []
+
+    def save(obj, handle, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second epoch's checkpoint finds the disk full
+            raise failure
+        return real_save(obj, handle, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    code, _, err = run_cli(capsys, *TRAIN, "--epochs", "3", "--out", str(out))
+    assert_one_line_error(code, err, fragment)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 1 and len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert not (out / "model.safetensors").exists() and not (out / "results.json").exists()
+    assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == []  # no half-written file left behind
+    monkeypatch.setattr(torch, "save", real_save)
+    assert main([*TRAIN, "--epochs", "3", "--out", str(out), "--resume"]) == 0
+
+
+def test_one_process_at_a_time_writes_a_run_folder_and_a_dead_one_leaves_no_lock(tmp_path, capsys):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    argv = [*TRAIN, "--epochs", "8", "--out", str(out)]
+    first = subprocess.Popen([sys.executable, "-m", "bdguard.cli.main", *argv], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoint.pt").exists():
+            assert first.poll() is None and time.monotonic() < deadline, "the first run ended or stalled"
+            time.sleep(0.1)
+        code, _, err = run_cli(capsys, *argv, "--resume")
+        assert_one_line_error(code, err, f"is being written by another bdguard process (pid {first.pid})")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    # killed with -9: the kernel dropped its lock, and the run continues from its checkpoint; the temporary file of
+    # a write the kill interrupted is cleaned up
+    (out / ".checkpoint.pt.k1ll3d.tmp").write_bytes(b"half a checkpoint")
+    code, _, err = run_cli(capsys, *argv, "--resume")
+    assert code == 0 and "resuming after epoch" in err, err
+    assert not list(out.glob(".*.tmp"))
