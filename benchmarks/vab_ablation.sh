@@ -44,14 +44,14 @@ declare -A VARIANTS=(
     [filter-mix]="--defense vab --set vab.refine=false --set vab.mix_share=1 --set vab.stage_a_fraction=1"
     [filter-mix-b]="--defense vab --set vab.refine=false --set vab.mix_share=1"
     [no-refine]="--defense vab --set vab.refine=false"
-    [no-label-gate]="--defense vab --set vab.refine_label_share=0"
+    [label-gate]="--defense vab --set vab.refine_label_share=0.5"
     [mix]="--defense vab --set vab.mix_share=1"
     [half-mix]="--defense vab --set vab.mix_share=0.5"
     [no-stage-b]="--defense vab --set vab.stage_a_fraction=1"
     [two-views]="--defense vab --set vab.views=2"
     [vab-schedule]="--defense vab --set vab.lr_schedule=vab"
 )
-ORDER=(none paper default filter filter-mix filter-mix-b no-refine no-label-gate mix half-mix no-stage-b two-views vab-schedule)
+ORDER=(none paper default filter filter-mix filter-mix-b no-refine label-gate mix half-mix no-stage-b two-views vab-schedule)
 
 EXTRA=()
 NAMES=()

@@ -185,6 +185,17 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     code, _, err = run_cli(capsys, "report", str(tmp_path / "empty"), "--out", str(tmp_path / "r.html"))
     assert_one_line_error(code, err, "holds no results")
+    # a results.json cut short by a kill, or holding other types, is named with what is wrong
+    for text, message in (
+        ('{"ba": 0.9, "asr"', "is not readable JSON"),
+        ('{"ba": "high", "asr": 0.1}', "ba is 'high'"),
+    ):
+        (tmp_path / "broken").mkdir(exist_ok=True)
+        (tmp_path / "broken" / "results.json").write_text(text)
+        code, _, err = run_cli(capsys, "report", str(tmp_path / "broken"), "--out", str(tmp_path / "r.html"))
+        assert_one_line_error(code, err, message)
+        assert str(tmp_path / "broken" / "results.json") in err
+    assert not (tmp_path / "r.html").exists()
 
 
 def test_a_post_training_defense_brings_in_its_undefended_model():

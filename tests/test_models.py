@@ -305,6 +305,15 @@ def test_deeply_nested_metadata_refused(tmp_path):
             load_model(path)
 
 
+def test_an_absurd_architecture_in_the_metadata_is_refused_before_allocation(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_model(make("resnet20"), path, meta_for("resnet20"))
+    meta = json.loads(path.with_suffix(".json").read_text())
+    path.with_suffix(".json").write_text(json.dumps({**meta, "arch_kwargs": {"width": 100000}}))
+    with pytest.raises(BdguardError, match="parameters .* is refused"):
+        load_model(path)
+
+
 def test_model_files_get_the_same_mode_as_every_output(tmp_path):
     import os
 

@@ -173,10 +173,26 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     return model.to(device).eval(), meta
 
 
+MAX_PARAMETERS = 10**9  # far above any architecture bdguard trains; a sidecar asking for more is refused
+
+
 def _build(meta: ModelMeta) -> BackdoorModel:
-    return build_model(
-        meta.architecture, meta.num_classes, meta.input_shape[0], meta.mean, meta.std, **meta.arch_kwargs
-    )
+    """The architecture the metadata names, sized on the meta device first (no memory), so a sidecar that asks for
+    an absurd width is refused before anything is allocated."""
+
+    def make() -> BackdoorModel:
+        return build_model(
+            meta.architecture, meta.num_classes, meta.input_shape[0], meta.mean, meta.std, **meta.arch_kwargs
+        )
+
+    with torch.device("meta"):
+        count = sum(p.numel() for p in make().parameters())
+    if count > MAX_PARAMETERS:
+        raise BdguardError(
+            f"model metadata asks for a {meta.architecture} with {count:,} parameters (options {meta.arch_kwargs}); "
+            f"more than {MAX_PARAMETERS:,} is refused"
+        )
+    return make()
 
 
 def _check_state_dict(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], source: str) -> None:

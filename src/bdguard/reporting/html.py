@@ -27,6 +27,7 @@ from bdguard import __version__
 from bdguard.bench.results import mean_std
 from bdguard.errors import BdguardError
 from bdguard.io import read_json, write_text
+from bdguard.progress import log
 from bdguard.reporting.figures import detector_curves, read_jsonl, training_curve
 
 CAPTIONS = {
@@ -84,6 +85,24 @@ def _seed(folder: Path) -> int | None:
         return None
 
 
+NUMBERS = ("ba", "asr", "ra", "seconds")  # what the report computes with: each a number (or null)
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """A run's results.json, refused with its path and what is wrong when it is truncated or holds other types."""
+    try:
+        data = read_json(path)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise BdguardError(f"{path} is not readable JSON ({exc}); a run killed while writing it? rerun it") from None
+    if not isinstance(data, dict):
+        raise BdguardError(f"{path} holds no table of results")
+    for key in NUMBERS:
+        value = data.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise BdguardError(f"{path}: {key} is {value!r}, not a number")
+    return data
+
+
 def _bench_group(folder: Path, data: dict[str, Any]) -> Group:
     config = data.get("config") or {}
     group = Group(f"suite {data.get('suite', folder.name)} ({folder})", data.get("description") or "")
@@ -96,8 +115,9 @@ def _bench_group(folder: Path, data: dict[str, Any]) -> Group:
             continue
         cell = folder / row["folder"]
         try:
-            results = read_json(cell / "results.json")
-        except (OSError, ValueError):
+            results = read_results(cell / "results.json")
+        except BdguardError as exc:
+            log(f"warning: {exc}; cell left out of the report")
             continue
         record = read_json(cell / "cell.json") if (cell / "cell.json").exists() else {}
         commands = record.get("commands") or _commands(results)
@@ -118,7 +138,7 @@ def collect(folders: Iterable[Path]) -> tuple[list[Group], list[Path]]:
         if not folder.is_dir():
             raise BdguardError(f"{folder} is not a folder")
         results_file = folder / "results.json"
-        data = read_json(results_file) if results_file.exists() else None
+        data = read_results(results_file) if results_file.exists() else None
         if isinstance(data, dict) and isinstance(data.get("cells"), list):
             groups.append(_bench_group(folder, data))
         elif isinstance(data, dict) and "ba" in data:

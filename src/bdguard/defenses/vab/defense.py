@@ -329,7 +329,7 @@ class _VabRun:
             "vab_schedule": {
                 "stage_a_epochs": schedule.stage_a,
                 "victim_updates": list(schedule.victim_updates),
-                "lr_drops": list(schedule.lr_drops),
+                "lr_drops": list(schedule.lr_drops) if self.params.lr_schedule == "vab" else None,
                 "alpha_switch": schedule.alpha_switch,
             },
         }
