@@ -99,3 +99,27 @@ def test_one_process_at_a_time_writes_a_run_folder_and_a_dead_one_leaves_no_lock
     code, _, err = run_cli(capsys, *argv, "--resume")
     assert code == 0 and "resuming after epoch" in err, err
     assert not list(out.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--rate", "nan"], "attack.rate must be a finite number"),
+        (["--lr", "inf"], "train.lr must be a finite number"),
+        (["--lr", "nan"], "train.lr must be a finite number"),
+        (["--set", "train.momentum=nan"], "train.momentum must be a finite number"),
+        (["--batch-size", "100000000000000000000"], "train.batch_size is too large"),
+        (["--set", "vab.tau=2"], "--set vab.tau: vab is not the chosen defense (none); pass --defense vab"),
+        (["--set", "blended.alpha=0.3"], "blended is not the chosen attack (badnets)"),
+        (["--set", "colour=red"], "unknown setting 'badnets.colour'"),  # checked before the data loads
+    ],
+)
+def test_non_finite_and_overflowing_settings_are_refused_at_once(tmp_path, capsys, flags, message):
+    code, _, err = run_cli(capsys, *TRAIN, "--epochs", "1", *flags, "--out", str(tmp_path / "run"))
+    assert_one_line_error(code, err, message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_model_path_that_is_a_folder_is_named_so(trained, capsys):
+    code, _, err = run_cli(capsys, "evaluate", "--model", str(trained), "--dataset", "synthetic")
+    assert_one_line_error(code, err, "is a folder; pass the .safetensors file in it")

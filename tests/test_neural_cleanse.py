@@ -61,6 +61,22 @@ def test_topk_optimises_only_the_cheapest_labels():
     assert sum(norm is None for norm in report["norms"]) == 7
 
 
+def test_a_diverging_search_stops_with_a_message_not_a_nan_trigger():
+    class Broken(torch.nn.Module):
+        """A model file whose weights give NaN logits: every gradient of the trigger is NaN."""
+
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.full((), float("nan")))
+            self.num_classes = 10
+
+        def forward(self, x):
+            return x.flatten(1)[:, :10] * self.weight
+
+    with pytest.raises(BdguardError, match=r"Neural Cleanse diverged after 5 steps.*learning rate \(lr = 0.1\)"):
+        reverse_engineer(Broken(), _probe(), NcParams(steps=5, batch_size=8, early_stop=False), quiet=True)
+
+
 def test_same_seed_same_trigger():
     model, _ = backdoored()
     params = NcParams(steps=15, batch_size=8, seed=4)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from bdguard.attacks import ATTACKS
 from bdguard.config import load_file, parse_assignments, set_dotted, to_dict
+from bdguard.defenses import DEFENSES
+from bdguard.errors import BdguardError
 from bdguard.pipeline import RunConfig
 
 SECTIONS = ("data", "attack", "defense", "probe", "train")  # probe: `prune` and `analyze` only
@@ -92,6 +95,12 @@ def config_tree(args: argparse.Namespace, primary: str = "attack", config_cls: t
         elif rest and head in names.values():
             section = "attack" if head == names["attack"] else "defense"
             set_dotted(tree, f"{section}.params.{rest}", value)
+        elif rest and (head in ATTACKS or head in DEFENSES):
+            kind = "attack" if head in ATTACKS else "defense"
+            raise BdguardError(
+                f"--set {key}: {head} is not the chosen {kind} ({names[kind]}); pass --{kind} {head}, or drop the "
+                "setting"
+            )
         else:
             set_dotted(tree, f"{primary}.params.{key}", value)
     return tree

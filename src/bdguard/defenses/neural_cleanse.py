@@ -278,6 +278,11 @@ def optimise_triggers(
             else:
                 bar.update(1)
 
+    if not (torch.isfinite(mask_param).all() and torch.isfinite(pattern_param).all()):
+        raise BdguardError(
+            f"Neural Cleanse diverged after {best.steps} steps: its mask or pattern is no longer a number; look at "
+            f"the model (does it give finite logits?) and the learning rate (lr = {params.lr:g})"
+        )
     # a trigger that never succeeded keeps its last mask, as NC does
     mask = (torch.tanh(mask_param) / 2 + 0.5).detach()
     pattern = (torch.tanh(pattern_param) / 2 + 0.5).detach()
