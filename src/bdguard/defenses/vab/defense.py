@@ -2,8 +2,8 @@
 the Victim's warm-up and after every Beneficiary epoch, and the run folder's V&B files.
 
 Two splits: the Victim's (the entropy rule of vab.md 6; the Victim trains on its suspicious side) and the
-Beneficiary's, which with `refine` hands back to C the flagged samples whose given label the Beneficiary already
-predicts. Without `refine` they are the same.
+Beneficiary's, which with the experimental `refine` hands back to C the flagged samples whose given label the
+Beneficiary already predicts. Without `refine` (the default) they are the same.
 
 Run folder: checkpoint.pt (both networks and optimisers, entropy history, splits, counters, metrics), metrics.jsonl
 (one row per Beneficiary epoch), detector.jsonl (one row per scoring round), and at the end victim.safetensors,
@@ -49,8 +49,8 @@ class VabDefense(TrainingDefense):
     name = "vab"
     description = (
         "V&B (Zhu et al., ICCV 2023): a Victim learns the backdoor and flags low-entropy samples; the Beneficiary "
-        "takes back the flagged samples it already predicts as labelled, trains on the rest, then semi-supervised with "
-        "the Victim's beliefs suppressed (preset=paper: the reference method, with AttentionMix)"
+        "trains on the rest, then semi-supervised with the Victim's beliefs suppressed (by default without "
+        "AttentionMix, on the run's own lr schedule; preset=paper: the reference method and schedule)"
     )
     Params = VabParams
 
@@ -110,6 +110,7 @@ class _VabRun:
         self.logits = torch.zeros(len(self.data), job.bundle.num_classes, device=job.device)  # the Victim's, last round
         self.flagged = torch.zeros(len(self.data), dtype=torch.bool, device=job.device)  # the Victim's split
         self.suspicious = self.flagged  # the Beneficiary's split
+        self.taken_back = torch.zeros_like(self.flagged)  # what the last refinement took back from the flagged set
         self.victim_epochs = 0
         self.epoch = 0  # the last finished Beneficiary epoch
         self.history: list[dict[str, Any]] = []  # one row per Beneficiary epoch
@@ -204,11 +205,15 @@ class _VabRun:
     def _refine(self) -> int:
         """The Beneficiary's split: the Victim's suspicious samples minus those whose given label the Beneficiary
         already predicts (with `refine_label_share`, only from labels whose flagged samples it confirms that often).
-        Returns how many went back to C."""
+        After `refine_until` of the run the samples taken back by then stay in C and no new ones are taken back.
+        Returns how many flagged samples are in C."""
         flagged = _indices(self.flagged)
         if not self.params.refine or self.epoch == 0 or flagged.numel() == 0:
             self.suspicious = self.flagged
             return 0
+        if self.epoch >= round(self.params.refine_until * self.schedule.epochs):
+            self.suspicious = self.flagged & ~self.taken_back
+            return int((self.flagged & self.taken_back).sum())
         agree = label_agreement(
             self.beneficiary.model,
             self.data,
@@ -220,6 +225,7 @@ class _VabRun:
         agree &= confirmed_labels(self.data.labels[flagged], agree, self.params.refine_label_share)
         self.suspicious = self.flagged.clone()
         self.suspicious[flagged[agree]] = False
+        self.taken_back = self.flagged & ~self.suspicious
         return int(agree.sum())
 
     def _epoch(self, epoch: int) -> None:
@@ -283,6 +289,7 @@ class _VabRun:
             "logits": self.logits,
             "flagged": self.flagged,
             "suspicious": self.suspicious,
+            "taken_back": self.taken_back,
             "victim_epochs": self.victim_epochs,
             "history": self.history,
             "rounds": self.rounds,
@@ -301,6 +308,7 @@ class _VabRun:
         self.logits = state["logits"]
         self.flagged = state["flagged"]
         self.suspicious = state["suspicious"]
+        self.taken_back = state["taken_back"]
         self.victim_epochs = int(state["victim_epochs"])
         self.epoch = int(state["epoch"])
         self.history = list(state["history"])
