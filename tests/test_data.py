@@ -243,8 +243,10 @@ def test_second_load_reads_the_cache_without_decoding(tmp_path, monkeypatch):
         lambda entry: (entry / "test_labels.npy").unlink(),
         lambda entry: (entry / "meta.json").write_text("{not json"),
         lambda entry: np.save(entry / "test_images.npy", np.zeros((1, 3, 8, 8), np.uint8)),
+        # a build killed mid-write: its temporary file left, meta.json gone
+        lambda entry: [(entry / ".train_images.npy.k1ll.tmp").write_bytes(b"half"), (entry / "meta.json").unlink()],
     ],
-    ids=["truncated", "missing-array", "corrupt-meta", "wrong-shape"],
+    ids=["truncated", "missing-array", "corrupt-meta", "wrong-shape", "killed-build"],
 )
 def test_damaged_cache_entry_is_rebuilt(tmp_path, monkeypatch, damage):
     make_class_tree(tmp_path / "set", ["a", "b"], per_class=5)
@@ -257,6 +259,7 @@ def test_damaged_cache_entry_is_rebuilt(tmp_path, monkeypatch, damage):
     assert torch.equal(first.train.images, rebuilt.train.images)
     assert torch.equal(first.test.images, rebuilt.test.images)
     assert load_dataset(config).extra["from_cache"] and len(calls) == 2
+    assert not list(Path(first.extra["cache"]).glob(".*.tmp"))  # what a killed build left is cleaned up
 
 
 def test_cached_tensors_can_be_edited_without_touching_the_cache(tmp_path):

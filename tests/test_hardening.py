@@ -112,12 +112,15 @@ def test_one_process_at_a_time_writes_a_run_folder_and_a_dead_one_leaves_no_lock
         (["--set", "vab.tau=2"], "--set vab.tau: vab is not the chosen defense (none); pass --defense vab"),
         (["--set", "blended.alpha=0.3"], "blended is not the chosen attack (badnets)"),
         (["--set", "colour=red"], "unknown setting 'badnets.colour'"),  # checked before the data loads
+        (["--target", "12"], "attack target 12 is not a class (synthetic has 10)"),
     ],
 )
-def test_non_finite_and_overflowing_settings_are_refused_at_once(tmp_path, capsys, flags, message):
+def test_non_finite_and_overflowing_settings_are_refused_at_once(tmp_path, capsys, monkeypatch, flags, message):
+    loaded = []
+    monkeypatch.setattr("bdguard.pipeline.load_dataset", lambda *a, **k: loaded.append(1))
     code, _, err = run_cli(capsys, *TRAIN, "--epochs", "1", *flags, "--out", str(tmp_path / "run"))
     assert_one_line_error(code, err, message)
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run").exists() and not loaded  # refused before the data set was read
 
 
 def test_a_model_path_that_is_a_folder_is_named_so(trained, capsys):

@@ -20,6 +20,7 @@ from bdguard.attacks import Attack, AttackConfig, AttackContext, PoisonedSet, Tr
 from bdguard.attacks.store import load_poisoned, poison_key, store_poisoned
 from bdguard.config import check_range, from_dict, to_dict
 from bdguard.data import DataBundle, DataConfig, load_dataset
+from bdguard.data.loading import known_class_count
 from bdguard.defenses import DefenseConfig, TrainingDefense, TrainingJob, build_defense
 from bdguard.errors import BdguardError
 from bdguard.io import check_writable, run_lock, write_json, write_with
@@ -69,6 +70,15 @@ def prepare_data(config: DataConfig, device: torch.device) -> DataBundle:
     sizes = f"{len(bundle.train)} train / {len(bundle.test)} test images {bundle.image_shape}"
     log(f"{bundle.name}: {sizes} from {bundle.source}")
     return bundle.to(device)
+
+
+def check_before_loading(data: DataConfig, attack: AttackConfig) -> None:
+    """What can be refused before minutes of decoding: the attack and its options, and its target where the data
+    set's registry entry knows the class count."""
+    check_attack(attack)
+    classes = known_class_count(data)
+    if classes is not None and attack.target >= classes:
+        raise BdguardError(f"attack target {attack.target} is not a class ({data.dataset} has {classes})")
 
 
 def refuse_run_folder(out: Path, command: str, models_too: bool = True) -> None:
@@ -126,7 +136,7 @@ def run_train(
     if not isinstance(defense, TrainingDefense):
         raise BdguardError(f"defense {defense.name} acts on a trained model: use `bdguard prune`, not `train`")
     # unknown names fail before the data set loads
-    check_attack(config.attack)
+    check_before_loading(config.data, config.attack)
     MODELS.get(config.train.model)
     check_writable(out)  # before minutes of decoding and training, not after
     with run_lock(out):
@@ -218,7 +228,7 @@ def run_poison(
     out = Path(out)
     refuse_run_folder(out, "poison")
     check_range("gallery rows", rows, 1)
-    check_attack(config.attack)  # before the data set loads
+    check_before_loading(config.data, config.attack)
     check_writable(out)
     device = resolve_device(config.train.device)
     if config.train.threads:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from bdguard.attacks import AttackConfig, AttackContext, build_attack, check_attack
+from bdguard.attacks import AttackConfig, AttackContext, build_attack
 from bdguard.config import check_range, from_dict, to_dict
 from bdguard.data import DataBundle, DataConfig, ImageSet
 from bdguard.data.sources import ImageDecoder
@@ -24,7 +24,14 @@ from bdguard.defenses import DefenseConfig, PostTrainingDefense, RepairJob, buil
 from bdguard.errors import BdguardError
 from bdguard.io import check_writable, write_json
 from bdguard.models import load_model, save_model
-from bdguard.pipeline import check_model_data, environment, prepare_data, recorded_attack, refuse_run_folder
+from bdguard.pipeline import (
+    check_before_loading,
+    check_model_data,
+    environment,
+    prepare_data,
+    recorded_attack,
+    refuse_run_folder,
+)
 from bdguard.progress import log
 from bdguard.training import Evaluator, TrainConfig, resolve_device
 
@@ -121,7 +128,7 @@ def run_prune(config: PruneConfig, model_path: str | Path, out: str | Path, quie
         torch.set_num_threads(config.train.threads)
     model, meta = load_model(model_path, device)
     attack_config = config.attack or recorded_attack(meta)
-    check_attack(attack_config)  # before the data set loads
+    check_before_loading(config.data, attack_config)
     check_writable(out)
     began = time.perf_counter()
     bundle = prepare_data(config.data, device)

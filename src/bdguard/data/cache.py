@@ -50,9 +50,12 @@ def save_entry(entry: Path, identity: str, arrays: dict[str, np.ndarray], info: 
     """Write the arrays, then meta.json (identity, shapes, dtypes and `info`), each file atomically."""
     try:
         entry.mkdir(parents=True, exist_ok=True)
-        # An entry being rebuilt must not look valid while its arrays are half replaced.
+        # An entry being rebuilt must not look valid while its arrays are half replaced; the temporary files of an
+        # earlier build that was killed mid-write go with it.
         with contextlib.suppress(FileNotFoundError):
             (entry / META).unlink()
+        for stale in entry.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
         for key, array in arrays.items():
             write_with(entry / f"{key}.npy", lambda f, a=array: np.save(f, np.ascontiguousarray(a)))
         meta = {

@@ -24,6 +24,11 @@ def make_source(config: DataConfig) -> DatasetSource:
     return DATASETS.get(name)(config, arg if sep else None)
 
 
+def known_class_count(config: DataConfig) -> int | None:
+    """The data set's class count where its registry entry knows it without reading a file."""
+    return make_source(config).num_classes
+
+
 def load_dataset(config: DataConfig) -> DataBundle:
     """The data set as CPU tensors (the caller moves them to its device).
 

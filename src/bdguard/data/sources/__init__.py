@@ -71,6 +71,7 @@ class DatasetSource(ABC):
     downloadable: ClassVar[bool] = False  # torchvision can fetch it when the user passes --download
     cacheable: ClassVar[bool] = True  # False for sets that are cheaper to rebuild than to read back
     native_size: ClassVar[int | None] = None  # fixed side length; None when the source resizes to image_size
+    num_classes: ClassVar[int | None] = None  # known before any file is read; None when the files decide (imagefolder)
 
     def __init__(self, config: DataConfig, arg: str | None = None) -> None:
         if arg is not None and not self.takes_arg():

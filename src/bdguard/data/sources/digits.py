@@ -12,6 +12,7 @@ SPLIT_SEED = 0
 @DATASETS.register("digits")
 class Digits(DatasetSource):
     name = "digits"
+    num_classes = 10
     description = "scikit-learn digits: 10 classes of 8x8 grayscale digits, 1797 images split 80/20"
     flip = False  # a mirrored digit is another glyph
     cacheable = False  # bundled and tiny: building it is cheaper than a cache entry

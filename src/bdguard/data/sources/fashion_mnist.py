@@ -55,6 +55,7 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
 @DATASETS.register("fashion-mnist")
 class FashionMnist(FileSource[dict[str, Path]]):
     name = "fashion-mnist"
+    num_classes = 10
     description = "Fashion-MNIST: 10 classes of 28x28 grayscale clothing, 60000 train / 10000 test"
     flip = True
     native_size = 28

@@ -23,6 +23,7 @@ NOISE = 40.0  # pixel std on the 0..255 scale: classes overlap per pixel, yet ar
 @DATASETS.register("synthetic")
 class Synthetic(DatasetSource):
     name = "synthetic"
+    num_classes = NUM_CLASSES
     description = "synthetic: seeded toy set, 10 classes of 3x16x16, 2000 train / 500 test (for tests)"
     flip = True
     cacheable = False  # generated in milliseconds
