@@ -173,7 +173,7 @@ def _easy_class_job(run_dir, easy: int = 5) -> TrainingJob:
 
 def _split(tmp_path, refine: bool) -> tuple[TrainingJob, dict, torch.Tensor]:
     job = _easy_class_job(tmp_path / str(refine))
-    params = {"victim_batch_size": 64, "refine": refine}
+    params = {"victim_batch_size": 64, "refine": refine, "refine_until": 1.0}
     model, results = build_defense(DefenseConfig(name="vab", params=params)).train(job)
     results.update(job.evaluate(model))
     rows = [line.split(",") for line in (tmp_path / str(refine) / "suspicious.csv").read_text().splitlines()[1:]]
@@ -201,3 +201,27 @@ def test_the_refined_split_hands_an_easy_clean_class_back_and_keeps_the_poison(t
     # and the target label stays flagged as a whole: none of it goes back, poison or not
     target = poisoned.train.labels == 0
     assert bool((suspicious[target] == flagged[target]).all())
+
+
+def test_refinement_freezes_after_its_share_of_the_run(tmp_path, monkeypatch):
+    """refine_until 0.5 of 4 epochs: the Beneficiary's agreement is asked before epoch 2 only; from epoch 3 on, what
+    it took back then stays in C and the rest of the Victim's (updated) flagged set is suspicious."""
+    calls = []
+    original = vab_defense.label_agreement
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(vab_defense, "label_agreement", counted)
+    job = _easy_class_job(tmp_path / "run")
+    params = {"victim_batch_size": 64, "refine": True, "refine_until": 0.5}
+    build_defense(DefenseConfig(name="vab", params=params)).train(job)
+    assert len(calls) == 1
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    flagged, taken_back = state["flagged"], state["taken_back"]
+    rows = (tmp_path / "run" / "suspicious.csv").read_text().splitlines()[1:]
+    suspicious = torch.tensor([row.endswith(",yes") for row in rows])
+    assert taken_back.any() and torch.equal(suspicious, flagged & ~taken_back)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["returned"] > 0 for r in rows] == [False, True, True, True]

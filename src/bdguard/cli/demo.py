@@ -25,7 +25,7 @@ DEMO_DEFENSES = ("none", "vab")  # trained on the poisoned set
 # reverse-engineered by Neural Cleanse, and with the attack's real trigger, the best that scoring can do
 DEMO_REPAIRS = (("linf-prune", "linf-prune", {}), ("linf-prune-oracle", "linf-prune", {"trigger": "oracle"}))
 # a third of Fashion-MNIST for ten epochs: the backdoor takes hold in the first two, the clean accuracy is near its
-# plateau (84.9 % undefended), and the demo stays a few CPU minutes
+# plateau (85 % undefended), and the demo stays a few CPU minutes
 TRAIN_SIZE = 20_000
 EPOCHS = 10
 COLUMNS = ("defense", "BA", "ASR", "RA", "TPR", "FPR", "pruned", "seconds")

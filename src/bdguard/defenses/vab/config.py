@@ -4,10 +4,10 @@ The Beneficiary's architecture, optimiser (lr, momentum, weight decay), batch si
 run's `train` section. Two ways of running it:
 
 - the default is built to keep the model close to undefended training at the budgets bdguard is run at: no
-  AttentionMix, the Beneficiary follows the run's own lr schedule and sees each credible sample once per epoch, and
-  the Victim is updated every `victim_every` epochs (docs/methods/vab.md gives each difference from the reference
-  and the measurement behind it; `refine` is the experimental split that takes back flagged samples the
-  Beneficiary already classifies as labelled);
+  AttentionMix, the Beneficiary follows the run's own lr schedule and sees each credible sample once per epoch, it
+  takes back from the suspicious set, during the first fifth of the run, the samples it already classifies as
+  labelled, and the Victim is updated every `victim_every` epochs (docs/methods/vab.md gives each difference from
+  the reference and the measurement behind it);
 - `preset=paper` is the reference code's method and schedule (V&B's own step schedule, two views, the Victim after
   every 5th epoch in stage A and every epoch in stage B of a 200-epoch run), rescaled to any `--epochs` by shares
   of the run (schedule.py).
@@ -33,6 +33,7 @@ REFERENCE = {
     "victim_every": 5,
     "victim_every_b": 1,
     "mix_share": 1.0,
+    "refine": False,
 }
 
 
@@ -88,10 +89,10 @@ class VabParams:
     mix_share: float = 0.0  # the share of each batch that AttentionMix mixes (the reference: all of it)
     upsample: Literal["nearest", "bilinear"] = "nearest"  # attention map to image size (nearest: the code)
     views: int = 1  # augmented views of each sample per step (the reference: 2, so every sample counts twice)
-    refine: bool = False  # a flagged sample whose given label the Beneficiary already predicts goes back to C
+    refine: bool = True  # a flagged sample whose given label the Beneficiary already predicts goes back to C
     refine_confidence: float = 0.0  # ... as its top class, with at least this softmax probability (eval mode)
     refine_label_share: float = 0.0  # ... and only from labels whose flagged samples it confirms at least this often
-    refine_until: float = 1.0  # ... during this share of the epochs; later what went back stays, nothing new does
+    refine_until: float = 0.2  # ... during this share of the epochs; later what went back stays, nothing new does
     reuse_logits: bool = True  # stage B's pseudo-labels from the unlabelled loss's own forward pass
     evaluate_victim: Literal["every", "key"] = "key"  # the Victim's BA/ASR after every epoch, or the last only
 

@@ -2,8 +2,8 @@
 the Victim's warm-up and after every Beneficiary epoch, and the run folder's V&B files.
 
 Two splits: the Victim's (the entropy rule of vab.md 6; the Victim trains on its suspicious side) and the
-Beneficiary's, which with the experimental `refine` hands back to C the flagged samples whose given label the
-Beneficiary already predicts. Without `refine` (the default) they are the same.
+Beneficiary's, which with `refine` (the default) hands back to C the flagged samples whose given label the
+Beneficiary already predicts, during the first `refine_until` of the run. Without `refine` they are the same.
 
 Run folder: checkpoint.pt (both networks and optimisers, entropy history, splits, counters, metrics), metrics.jsonl
 (one row per Beneficiary epoch), detector.jsonl (one row per scoring round), and at the end victim.safetensors,
@@ -49,8 +49,8 @@ class VabDefense(TrainingDefense):
     name = "vab"
     description = (
         "V&B (Zhu et al., ICCV 2023): a Victim learns the backdoor and flags low-entropy samples; the Beneficiary "
-        "trains on the rest, then semi-supervised with the Victim's beliefs suppressed (by default without "
-        "AttentionMix, on the run's own lr schedule; preset=paper: the reference method and schedule)"
+        "takes back early the flagged samples it already predicts as labelled, trains on the rest, then "
+        "semi-supervised with the Victim's beliefs suppressed (preset=paper: the reference method and schedule)"
     )
     Params = VabParams
 
