@@ -50,10 +50,11 @@ declare -A VARIANTS=(
     [mix]="--defense vab --set vab.refine_until=1 --set vab.mix_share=1"
     [half-mix]="--defense vab --set vab.refine_until=1 --set vab.mix_share=0.5"
     [no-stage-b]="--defense vab --set vab.stage_a_fraction=1"
+    [refine-suppress-a]="--defense vab --set vab.refine_until=1 --set vab.suppress_stage_a=true"
     [two-views]="--defense vab --set vab.views=2"
     [vab-schedule]="--defense vab --set vab.lr_schedule=vab"
 )
-ORDER=(none paper default filter filter-mix filter-mix-b no-refine refine label-gate mix half-mix no-stage-b two-views vab-schedule)
+ORDER=(none paper default filter filter-mix filter-mix-b no-refine refine label-gate mix half-mix no-stage-b refine-suppress-a two-views vab-schedule)
 
 EXTRA=()
 NAMES=()

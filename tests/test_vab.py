@@ -398,3 +398,15 @@ def test_label_agreement_takes_back_what_the_network_predicts_as_labelled():
     sure = label_agreement(Reads(), data, index, 4, CPU, 0.5).tolist()
     assert sure == [True, False, False, True, True, False]  # sample 1: right label, not sure enough
     assert label_agreement(Reads(), data, index[[2, 3]], 4, CPU, 0.0).tolist() == [False, True]
+
+
+def test_stage_a_suppression_takes_away_what_the_victim_is_sure_of():
+    ben, _, data = _beneficiary(n=24)
+    sure = F.one_hot(data.labels, 10).float() * 1000  # a Victim certain of every given label
+    before = {k: v.clone() for k, v in ben.model.named_parameters()}
+    result = stage_a_epoch(ben, data, torch.arange(24), _generator(), "", LR, victim_logits=sure)
+    assert result["loss"] == 0.0  # every target suppressed to zero: nothing to learn
+    assert all(torch.equal(before[k], v) for k, v in ben.model.named_parameters())
+    unsure = torch.zeros(24, 10)  # uniform beliefs: each target keeps 1 - 1/10 of its weight
+    result = stage_a_epoch(ben, data, torch.arange(24), _generator(), "", LR, victim_logits=unsure)
+    assert result["loss"] > 0 and any(not torch.equal(before[k], v) for k, v in ben.model.named_parameters())

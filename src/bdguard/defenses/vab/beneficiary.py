@@ -89,9 +89,16 @@ class Beneficiary:
 
 
 def stage_a_epoch(
-    ben: Beneficiary, data: ImageSet, credible: torch.Tensor, generator: torch.Generator, label: str, lr: LearningRate
+    ben: Beneficiary,
+    data: ImageSet,
+    credible: torch.Tensor,
+    generator: torch.Generator,
+    label: str,
+    lr: LearningRate,
+    victim_logits: torch.Tensor | None = None,
 ) -> dict[str, float | None]:
-    """One pass over C in batches of B, each sample in `views` views, mixed, with its given label."""
+    """One pass over C in batches of B, each sample in `views` views, mixed, with its given label; with
+    `victim_logits` (N, K), the label suppressed by the Victim's beliefs as stage B does it."""
     ben.model.train()
     n = credible.numel()
     if n == 0:
@@ -103,8 +110,10 @@ def stage_a_epoch(
         for step, batch in enumerate(batch_indices(n, ben.batch_size, generator)):
             chosen = credible[batch]
             views = ben.views(data.images[chosen], generator)
-            onehot = F.one_hot(data.labels[chosen], ben.num_classes).float()
-            loss, region = ben.mixed_loss(views, onehot.repeat(len(views), 1), generator)
+            targets = F.one_hot(data.labels[chosen], ben.num_classes).float()
+            if victim_logits is not None:
+                targets = suppress(targets, victim_beliefs(victim_logits[chosen], ben.params.temperature))
+            loss, region = ben.mixed_loss(views, targets.repeat(len(views), 1), generator)
             ben.step(loss, lr(step / steps))
             loss_sum += loss.detach()
             region_sum += region

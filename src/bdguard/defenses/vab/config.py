@@ -85,6 +85,7 @@ class VabParams:
     alpha2: float = 0.5  # ... and from alpha_switch on
     alpha_switch: float = 0.75  # share of the run after which alpha2 replaces alpha1
     temperature: float = 3.0  # the Victim's logits are divided by this before the softmax of the suppression
+    suppress_stage_a: bool = False  # suppress the credible targets by the Victim in stage A too (the reference: B only)
     mix_threshold: float = 0.1  # AttentionMix mixes where the normalised attention is at least this
     mix_share: float = 0.0  # the share of each batch that AttentionMix mixes (the reference: all of it)
     upsample: Literal["nearest", "bilinear"] = "nearest"  # attention map to image size (nearest: the code)

@@ -241,7 +241,8 @@ class _VabRun:
         row["split"] = detector_metrics(self.detector.normalised(), self.suspicious, self.job.poisoned)
         if stage == "A":
             row["alpha"] = None
-            row.update(stage_a_epoch(self.beneficiary, self.data, credible, generator, label, lr))
+            beliefs = self.logits if self.params.suppress_stage_a else None
+            row.update(stage_a_epoch(self.beneficiary, self.data, credible, generator, label, lr, beliefs))
         else:
             row["alpha"] = alpha = schedule.alpha(epoch, self.params)
             result = stage_b_epoch(
