@@ -295,10 +295,15 @@ def test_missing_file_refused(tmp_path):
         load_model(tmp_path)
 
 
-def test_deeply_nested_metadata_refused(tmp_path):
+def _saved_with_sidecar(tmp_path, architecture: str) -> tuple[Path, dict]:
+    """A saved model and its sidecar's metadata, for a test to rewrite the sidecar."""
     path = tmp_path / "m.safetensors"
-    save_model(make("small-cnn"), path, meta_for("small-cnn"))
-    meta = json.loads(path.with_suffix(".json").read_text())
+    save_model(make(architecture), path, meta_for(architecture))
+    return path, json.loads(path.with_suffix(".json").read_text())
+
+
+def test_deeply_nested_metadata_refused(tmp_path):
+    path, meta = _saved_with_sidecar(tmp_path, "small-cnn")
     for nested in ("[" * 200_000 + "]" * 200_000, "[" * 40 + "]" * 40):  # beyond the parser's stack; past our limit
         path.with_suffix(".json").write_text(json.dumps({**meta, "extra": "X"}).replace('"X"', nested))
         with pytest.raises(BdguardError, match="nested too deeply"):
@@ -306,9 +311,7 @@ def test_deeply_nested_metadata_refused(tmp_path):
 
 
 def test_an_absurd_architecture_in_the_metadata_is_refused_before_allocation(tmp_path):
-    path = tmp_path / "m.safetensors"
-    save_model(make("resnet20"), path, meta_for("resnet20"))
-    meta = json.loads(path.with_suffix(".json").read_text())
+    path, meta = _saved_with_sidecar(tmp_path, "resnet20")
     path.with_suffix(".json").write_text(json.dumps({**meta, "arch_kwargs": {"width": 100000}}))
     with pytest.raises(BdguardError, match="parameters .* is refused"):
         load_model(path)
