@@ -50,31 +50,29 @@ class Beneficiary:
         """AttentionMix, then the soft cross-entropy of the batch, fed one view's worth at a time. `targets` holds one
         row per image of every view. With `mix_share` 1 (the reference) every image is mixed, partners drawn among
         all images of all views, their attention taken view by view; with a smaller share a random subset of that
-        size is mixed among itself and the rest trains as it is. Returns the loss and the mixed-pixel share."""
+        size is mixed among itself and the rest trains as it is; with 0 nothing is mixed and no attention computed.
+        Returns the loss and the mixed-pixel share."""
         images = torch.cat(views)
         n = images.shape[0]
-        if self.params.mix_share >= 1.0:
-            chosen = None
+        share = self.params.mix_share
+        region = torch.zeros((), device=images.device)
+        if share >= 1.0:  # the reference: every image, attention taken view by view
             with torch.no_grad(), self.runtime.autocast():
                 features = torch.cat([self.model.features(x) for x in views])
-        else:
-            chosen = torch.randperm(n, generator=generator, device=images.device)[: round(self.params.mix_share * n)]
+            attention = attention_map(features, tuple(images.shape[-2:]), self.params.upsample)
+            partner = torch.randperm(n, generator=generator, device=images.device)
+            images, targets, region = attention_mix(images, attention, targets, self.params.mix_threshold, partner)
+        elif round(share * n) > 0:  # a random subset, mixed among itself
+            chosen = torch.randperm(n, generator=generator, device=images.device)[: round(share * n)]
             with torch.no_grad(), self.runtime.autocast():
                 features = self.model.features(self.runtime.layout(images[chosen]))
-        region = torch.zeros((), device=images.device)
-        if features.shape[0] > 0:
             attention = attention_map(features, tuple(images.shape[-2:]), self.params.upsample)
-            partner = torch.randperm(features.shape[0], generator=generator, device=images.device)
-            subset = images if chosen is None else images[chosen]
-            subset_targets = targets if chosen is None else targets[chosen]
+            partner = torch.randperm(chosen.numel(), generator=generator, device=images.device)
             mixed, mixed_targets, region = attention_mix(
-                subset, attention, subset_targets, self.params.mix_threshold, partner
+                images[chosen], attention, targets[chosen], self.params.mix_threshold, partner
             )
-            if chosen is None:
-                images, targets = mixed, mixed_targets
-            else:
-                images, targets = images.index_copy(0, chosen, mixed), targets.index_copy(0, chosen, mixed_targets)
-                region = region * chosen.numel() / n
+            images, targets = images.index_copy(0, chosen, mixed), targets.index_copy(0, chosen, mixed_targets)
+            region = region * chosen.numel() / n
         images = self.runtime.layout(images)
         with self.runtime.autocast():
             logits = torch.cat([self.model(part) for part in images.split(views[0].shape[0])])
