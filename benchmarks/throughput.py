@@ -19,7 +19,7 @@ import torch
 
 from bdguard.data import DataConfig
 from bdguard.models import build_model
-from bdguard.pipeline import prepare_data
+from bdguard.runs.common import prepare_data
 from bdguard.training import TrainConfig, resolve_device
 from bdguard.training.runtime import Runtime, batch_indices, epoch_generator, steps_per_epoch
 from bdguard.training.trainer import Trainer, make_augment

@@ -18,7 +18,8 @@ import torch
 
 from bdguard.attacks import AttackContext, build_attack
 from bdguard.models import load_model
-from bdguard.pipeline import RunConfig, prepare_data, recorded_attack
+from bdguard.runs.common import prepare_data, recorded_attack
+from bdguard.runs.train import RunConfig
 from bdguard.training import predict, resolve_device
 
 

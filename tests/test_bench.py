@@ -23,15 +23,18 @@ from bdguard.bench.results import TIMING, read_csv, summarise
 from bdguard.config import load_file
 from bdguard.data import DataConfig, load_dataset
 from bdguard.io import read_json
-from bdguard.pipeline import RunConfig
-from bdguard.repair import PruneConfig
+from bdguard.runs.detect import DetectConfig
+from bdguard.runs.repair import PruneConfig
+from bdguard.runs.train import RunConfig
 from cli_helpers import assert_one_line_error, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMOKE = ["bench", "--suite", "smoke", "--quiet"]
 CELLS = [
-    (attack, defense) for attack in ("badnets", "blended") for defense in ("none", "vab", "linf-prune", "fine-pruning")
+    (attack, defense)
+    for attack in ("badnets", "blended")
+    for defense in ("none", "vab", "abl", "linf-prune", "fine-pruning", "anp")
 ]
 
 
@@ -62,15 +65,18 @@ def test_smoke_bench_writes_one_row_per_cell_and_reuses_shared_work(smoke_bench)
         assert 0 < float(pruned["pruned_fraction"]) < 1 and pruned["tpr"] == ""
         assert float(pruned["asr_before"]) == pytest.approx(float(cell["badnets", "none"]["asr"]), abs=0.05)
     assert float(cell["badnets", "linf-prune"]["asr"]) < 0.5
+    # defenses added after the table was written fill it through their DefenseResult alone
+    assert 0.0 <= float(cell["badnets", "abl"]["auroc"]) <= 1.0 and cell["badnets", "abl"]["pruned_fraction"] == ""
+    assert 0.0 <= float(cell["badnets", "anp"]["pruned_fraction"]) < 1.0 and cell["badnets", "anp"]["tpr"] == ""
 
     results = read_json(smoke_bench / "results.json")
-    assert results["suite"] == "smoke" and len(results["cells"]) == 8 and len(results["summary"]) == 8
+    assert results["suite"] == "smoke" and len(results["cells"]) == 12 and len(results["summary"]) == 12
     assert results["summary"][0]["seeds"] == 1 and results["summary"][0]["ba_std"] is None
     assert (smoke_bench / "summary.csv").exists()
 
     # post-training cells repair the `none` model of their attack; both training cells read one stored poisoned set
     config = load_suite("smoke")
-    steps = {(s.attack, s.defense): s for s in plan(config, smoke_bench)}
+    steps = {(s.attack, s.defense): s for s in plan(config, smoke_bench) if s.is_cell}
     repaired = read_json(smoke_bench / "cells/badnets/linf-prune/seed0/results.json")
     assert Path(repaired["model_path"]) == smoke_bench / "cells/badnets/none/seed0/model.safetensors"
     assert len(list((smoke_bench / "poisoned-sets").glob("*/manifest.json"))) == 2
@@ -87,6 +93,26 @@ def test_smoke_bench_writes_one_row_per_cell_and_reuses_shared_work(smoke_bench)
     for attack in ("badnets", "blended"):
         assert (smoke_bench / "poison" / attack / "gallery.png").read_bytes()[:4] == b"\x89PNG"
         assert (smoke_bench / "cells" / attack / "vab/seed0/analysis/gradcam.png").exists()
+
+
+def test_every_detector_scores_every_poisoned_set_of_the_bench(smoke_bench):
+    rows = read_csv(smoke_bench / "detections.csv")
+    detectors = ["vab", "abl", "spectral", "activation-clustering", "strip"]
+    assert [(r["attack"], r["detector"]) for r in rows] == [(a, d) for a in ("badnets", "blended") for d in detectors]
+    assert {r["status"] for r in rows} == {"done"} and {r["poisoned"] for r in rows} == {"200"}
+    auroc = {(r["attack"], r["detector"]): float(r["auroc"]) for r in rows}
+    assert auroc["badnets", "vab"] > 0.9 and auroc["badnets", "activation-clustering"] > 0.9, auroc
+    assert read_json(smoke_bench / "results.json")["detections"] == [
+        {key: read_json(smoke_bench / r["folder"] / "cell.json")["row"][key] for key in r} for r in rows
+    ]
+    steps = {(s.attack, s.defense): s for s in plan(load_suite("smoke"), smoke_bench) if s.kind == "detect"}
+    for (attack, detector), step in steps.items():
+        assert DetectConfig.from_dict(load_file(step.folder / "run.yaml")) == step.config
+        assert read_json(step.folder / "cell.json")["commands"] == step.commands()
+        # the model-based detectors inspect the undefended cell's model; the others train their own network
+        model = smoke_bench / "cells" / attack / "none/seed0/model.safetensors"
+        assert step.source == (model if detector in ("spectral", "activation-clustering", "strip") else None)
+        assert read_json(step.folder / "results.json")["model"] == (None if step.source is None else str(model))
 
 
 def test_a_killed_bench_resumes_to_the_same_results(smoke_bench, tmp_path, capsys):
@@ -111,6 +137,7 @@ def test_a_killed_bench_resumes_to_the_same_results(smoke_bench, tmp_path, capsy
     assert code == 0, err
     assert "steps already finished" in err and "resuming" in err
     assert _without_timing(out / "results.csv") == _without_timing(smoke_bench / "results.csv")
+    assert _without_timing(out / "detections.csv") == _without_timing(smoke_bench / "detections.csv")
     # a cell's seconds are its run's, which count the killed session's work too (test_training checks that sum)
     for row in read_csv(out / "results.csv"):
         assert float(row["seconds"]) == read_json(out / row["folder"] / "results.json")["seconds"], row["folder"]
@@ -118,7 +145,7 @@ def test_a_killed_bench_resumes_to_the_same_results(smoke_bench, tmp_path, capsy
 
 def test_a_finished_bench_is_skipped_and_other_settings_are_refused(smoke_bench, capsys):
     code, printed, err = run_cli(capsys, *SMOKE, "--out", str(smoke_bench))
-    assert code == 0 and "10 of 10 steps already finished" in err and "badnets" in printed
+    assert code == 0 and "24 of 24 steps already finished" in err and "badnets" in printed
 
     code, _, err = run_cli(capsys, *SMOKE, "--set", "train.lr=0.1", "--out", str(smoke_bench))
     assert_one_line_error(code, err, "made with other settings")
@@ -145,10 +172,11 @@ def test_the_report_is_one_self_contained_page_that_renders(smoke_bench, tmp_pat
     code, printed, err = run_cli(capsys, "report", str(smoke_bench), str(run), "--out", str(report))
     assert code == 0, err
     page = report.read_text()
-    assert 'id="matrix-1"' in page and 'id="matrix-2"' in page and page.count("<details") == 9
+    assert 'id="matrix-1"' in page and 'id="matrix-2"' in page and page.count("<details") == 13
     assert "<script" not in page and 'src="http' not in page and 'href="http' not in page  # nothing from a network
     assert page.count('src="data:image/png;base64,') >= 8 * 3 + 2  # per cell: curves and analysis; galleries
-    for text in ("badnets", "fine-pruning", "bdguard prune --model", "torch ", "Trigger galleries", "V&amp;B detector"):
+    texts = ("badnets", "fine-pruning", "bdguard prune --model", "torch ", "Trigger galleries", "V&amp;B detector")
+    for text in (*texts, "Poisoned-sample detection", "activation-clustering"):
         assert text in page, text
 
     chromium = _chromium()
@@ -199,7 +227,9 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
 
 
 def test_a_post_training_defense_brings_in_its_undefended_model():
-    config = load_suite("smoke", {"defenses": ["fine-pruning"], "seeds": [3, 5], "attacks": ["badnets"]})
+    config = load_suite(
+        "smoke", {"defenses": ["fine-pruning"], "seeds": [3, 5], "attacks": ["badnets"], "detectors": []}
+    )
     steps = plan(config, "out")
     assert [s.label for s in steps] == [
         "badnets gallery",

@@ -127,8 +127,8 @@ def test_console_entry_point():
 
 def test_demo_trains_prunes_and_prints_one_table(tmp_path, capsys, monkeypatch):
     from bdguard.cli import demo
-    from bdguard.pipeline import RunConfig
-    from bdguard.repair import PruneConfig
+    from bdguard.runs.repair import PruneConfig
+    from bdguard.runs.train import RunConfig
 
     demo_config, repair_config = demo.demo_config, demo.repair_config
 

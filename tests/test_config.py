@@ -5,7 +5,7 @@ import pytest
 
 from bdguard.config import from_dict, load_file, parse_assignments, to_dict
 from bdguard.errors import BdguardError
-from bdguard.pipeline import RunConfig
+from bdguard.runs.train import RunConfig
 
 
 @dataclass

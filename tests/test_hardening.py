@@ -37,7 +37,7 @@ def test_a_read_only_output_folder_is_refused_before_any_work(trained, tmp_path,
         "prune": ["prune", *model, "--defense", "random-prune"],
     }[command]
     loaded = []
-    monkeypatch.setattr("bdguard.pipeline.load_dataset", lambda *a, **k: loaded.append(1))
+    monkeypatch.setattr("bdguard.runs.common.load_dataset", lambda *a, **k: loaded.append(1))
     _read_only(monkeypatch)
     code, _, err = run_cli(capsys, *argv, "--out", str(tmp_path / "out"))
     assert_one_line_error(code, err, "Read-only file system")
@@ -117,7 +117,7 @@ def test_one_process_at_a_time_writes_a_run_folder_and_a_dead_one_leaves_no_lock
 )
 def test_non_finite_and_overflowing_settings_are_refused_at_once(tmp_path, capsys, monkeypatch, flags, message):
     loaded = []
-    monkeypatch.setattr("bdguard.pipeline.load_dataset", lambda *a, **k: loaded.append(1))
+    monkeypatch.setattr("bdguard.runs.common.load_dataset", lambda *a, **k: loaded.append(1))
     code, _, err = run_cli(capsys, *TRAIN, "--epochs", "1", *flags, "--out", str(tmp_path / "run"))
     assert_one_line_error(code, err, message)
     assert not (tmp_path / "run").exists() and not loaded  # refused before the data set was read

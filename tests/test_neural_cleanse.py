@@ -15,8 +15,8 @@ from bdguard.defenses.neural_cleanse import (
     reverse_engineer,
 )
 from bdguard.errors import BdguardError
-from bdguard.training import Evaluator, TrainConfig
-from tiny_models import TARGET, backdoored, data, patch_region
+from bdguard.training import TrainConfig
+from tiny_models import TARGET, backdoored, data, patch_region, repair_job
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -131,23 +131,9 @@ def test_params_are_checked():
 
 
 def _job(run_dir) -> RepairJob:
-    model, attack = backdoored()
-    bundle = data()
-    probe, rest = bundle.test.subset(torch.arange(200)), bundle.test.subset(torch.arange(200, 500))
-    triggered = attack.test_set(rest)
-    return RepairJob(
-        model=copy.deepcopy(model),
-        bundle=bundle,
-        probe=probe,
-        oracle=None,  # a practical defense never sees the real trigger
-        target=None,
-        evaluate=Evaluator(rest, triggered),
-        train=TrainConfig(model="small-cnn", batch_size=32, device="cpu", threads=1),
-        device=torch.device("cpu"),
-        run_dir=run_dir,
-        quiet=True,
-        seed=0,
-    )
+    test = data().test
+    probe, rest = test.subset(torch.arange(200)), test.subset(torch.arange(200, 500))
+    return repair_job(probe, rest, TrainConfig(model="small-cnn", batch_size=32, device="cpu", threads=1), run_dir)
 
 
 def test_defense_detects_and_unlearns(tmp_path, found, monkeypatch):
@@ -162,18 +148,20 @@ def test_defense_detects_and_unlearns(tmp_path, found, monkeypatch):
         return found
 
     monkeypatch.setattr(neural_cleanse, "reverse_engineer", reversal_done_above)
-    model, extra = defense.repair(job)
+    result = defense.repair(job)
+    model, extra = result.model, result.details
     after = job.evaluate(model)
     assert calls == [(FAST["steps"], FAST["batch_size"], 200)]  # NC ran on the probe images, with the settings
-    assert extra["backdoored"] and extra["neural_cleanse"]["target"] == TARGET
+    assert result.backdoor_flagged and extra["trigger"]["target"] == TARGET
     assert len(extra["unlearning"]) == 2 and not model.training
     assert after["asr"] < 0.2 and after["ba"] > 0.9, after
-    assert extra["unlearned_probe_asr"] < extra["neural_cleanse"]["reversed_asr"]
+    assert extra["unlearned_probe_asr"] < extra["trigger"]["reversed_asr"]
     assert (tmp_path / "nc_trigger.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     monkeypatch.undo()
     detect_only = build_defense(DefenseConfig("neural-cleanse", {"steps": 5, "mitigation": "none"}))
     job = _job(None)
     untouched = copy.deepcopy(job.model.state_dict())
-    model, extra = detect_only.repair(job)
+    result = detect_only.repair(job)
+    model, extra = result.model, result.details
     assert "unlearning" not in extra and all(torch.equal(untouched[k], v) for k, v in model.state_dict().items())

@@ -8,9 +8,10 @@ import torch
 from bdguard.attacks import AttackConfig, build_attack
 from bdguard.cli.main import main
 from bdguard.data import DataConfig, load_dataset
+from bdguard.defenses import DefenseResult
 from bdguard.defenses.pruning.norm_prune import LinfPrune
 from bdguard.models import load_model
-from bdguard.repair import PruneConfig, run_prune
+from bdguard.runs.repair import PruneConfig, run_prune
 from cli_helpers import assert_one_line_error, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,7 +35,9 @@ def test_prune_writes_the_repaired_model_and_its_report(model_file, tmp_path, ca
     assert code == 0 and "ASR" in printed and "pruned" in printed
     results = json.loads((out / "results.json").read_text())
     trained = json.loads((model_file.parent / "results.json").read_text())
-    assert set(trained) | {"pruned_fraction"} <= set(results)
+    # the same keys, each defense's details under its own name
+    assert set(trained) - {"none"} | {"pruned_fraction", "linf-prune"} <= set(results)
+    assert results["linf-prune"]["k"] == round(results["pruned_fraction"] * 128)
     assert results["attack"] == "badnets" and results["defense"] == "linf-prune"  # the attack from the model file
     assert results["eval_size"] == 300 and results["probe"] == {"source": "test-holdout", "size": 200, "seed": 0}
     assert results["before"]["asr"] > 0.5 and results["asr"] < results["before"]["asr"]
@@ -63,7 +66,7 @@ def test_probe_images_never_enter_ba_or_asr(model_file, tmp_path, monkeypatch):
 
     def capture(self, job):
         seen["job"] = job
-        return job.model, {}
+        return DefenseResult(job.model)
 
     monkeypatch.setattr(LinfPrune, "repair", capture)
     config = PruneConfig.from_dict({"data": {"dataset": "synthetic"}, "probe": {"size": 200}, "train": {"threads": 1}})
@@ -133,7 +136,7 @@ def test_a_folder_of_clean_images_can_be_the_probe(model_file, tmp_path, monkeyp
         (folder / f"class{label}").mkdir(parents=True, exist_ok=True)
         Image.fromarray(test.images[i].permute(1, 2, 0).numpy()).save(folder / f"class{label}" / f"{i}.png")
     seen = {}
-    monkeypatch.setattr(LinfPrune, "repair", lambda self, job: (seen.setdefault("job", job).model, {}))
+    monkeypatch.setattr(LinfPrune, "repair", lambda self, job: DefenseResult(seen.setdefault("job", job).model))
     config = PruneConfig.from_dict(
         {"data": {"dataset": "synthetic"}, "probe": {"size": 20, "source": str(folder)}, "train": {"threads": 1}}
     )

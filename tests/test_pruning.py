@@ -17,7 +17,7 @@ from bdguard.defenses.pruning.core import MaskedSet, pruned_mask, rank_channels
 from bdguard.errors import BdguardError
 from bdguard.models import ModelMeta, build_model, load_model, save_model
 from bdguard.models.base import BackdoorModel
-from bdguard.repair import ProbeConfig, split_probe
+from bdguard.runs.repair import ProbeConfig, split_probe
 from bdguard.training import Evaluator, TrainConfig, predict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -88,8 +88,8 @@ def planted_job(oracle=stamp, run_dir=None, probe_size: int = 100) -> RepairJob:
 def repair(name: str, job: RepairJob, **params) -> dict:
     defense = build_defense(DefenseConfig(name, params))
     assert isinstance(defense, PostTrainingDefense) and defense.stage == "post-training"
-    model, extra = defense.repair(job)
-    return {**job.evaluate(model), **extra}
+    result = defense.repair(job)
+    return {**job.evaluate(result.model), **result.details, "pruned_fraction": result.pruned_fraction}
 
 
 def test_the_planted_backdoor_works():
@@ -276,7 +276,8 @@ def test_clp_prunes_an_outlier_channel_by_zeroing_its_bn(tmp_path):
     with torch.no_grad():
         model.body[4][0].weight[9] *= 20  # a channel with an outsized Lipschitz bound, as backdoor channels have
     job.model = model
-    model, extra = build_defense(DefenseConfig("clp", {})).repair(job)
+    result = build_defense(DefenseConfig("clp", {})).repair(job)
+    model, extra = result.model, result.details
     bn = model.body[4][1]
     assert bn.weight[9] == 0 and bn.bias[9] == 0 and extra["pruned_channels"] >= 1
     report = json.loads((tmp_path / "pruning.json").read_text())

@@ -8,7 +8,7 @@ from bdguard.attacks import AttackConfig, build_attack
 from bdguard.data.base import ImageSet
 from bdguard.errors import BdguardError
 from bdguard.io import read_json
-from bdguard.pipeline import RunConfig, run_train
+from bdguard.runs.train import RunConfig, run_train
 from bdguard.training import TrainConfig, evaluate
 from bdguard.training.schedule import lr_factor
 from bdguard.training.trainer import Trainer

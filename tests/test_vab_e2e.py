@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bdguard.attacks import AttackConfig, build_attack
+from bdguard.attacks import AttackConfig
 from bdguard.data import DataConfig, load_dataset
 from bdguard.data.base import DataBundle
 from bdguard.defenses import DefenseConfig, TrainingJob, build_defense
@@ -13,9 +13,9 @@ from bdguard.defenses.vab import defense as vab_defense
 from bdguard.errors import BdguardError
 from bdguard.io import read_json
 from bdguard.models import load_model
-from bdguard.pipeline import RunConfig, run_train
-from bdguard.training import TrainConfig, evaluate
-from bdguard.training.factory import new_model
+from bdguard.runs.train import RunConfig, run_train
+from bdguard.training import TrainConfig
+from tiny_models import training_job
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -40,11 +40,11 @@ def test_vab_trains_a_clean_model_on_poisoned_data(tmp_path):
     results = _run(tmp_path, "vab", epochs, {"name": "vab", "params": VAB})
     out = tmp_path / "vab"
     assert results["asr"] < 0.1 and results["ba"] > 0.75, results
-    assert results["victim"]["asr"] > 0.9  # the Victim is backdoored on purpose
-    detector = results["detector"]
+    assert results["vab"]["victim"]["asr"] > 0.9  # the Victim is backdoored on purpose
+    detector, split = results["detector"], results["vab"]["split"]
     assert detector["tpr"] > 0.9 and detector["fpr"] < 0.25 and detector["auroc"] > 0.85, detector
-    assert detector["rounds"] == 3 + epochs  # warm-up rounds + one update after every epoch at this budget
-    assert set(results["seconds_by_stage"]) == {"warm_up", "stage_a", "stage_b", "victim", "evaluation"}
+    assert split["rounds"] == 3 + epochs  # warm-up rounds + one update after every epoch at this budget
+    assert set(results["vab"]["seconds_by_stage"]) == {"warm_up", "stage_a", "stage_b", "victim", "evaluation"}
     assert read_json(out / "results.json")["detector"] == detector
 
     rows = [line.split(",") for line in (out / "suspicious.csv").read_text().splitlines()]
@@ -52,7 +52,7 @@ def test_vab_trains_a_clean_model_on_poisoned_data(tmp_path):
     assert [int(r[0]) for r in rows[1:]] == list(range(2000))
     entropy = torch.tensor([float(r[1]) for r in rows[1:]])
     flagged = torch.tensor([r[2] == "yes" for r in rows[1:]])
-    assert {r[2] for r in rows[1:]} == {"yes", "no"} and int(flagged.sum()) == detector["suspicious"]
+    assert {r[2] for r in rows[1:]} == {"yes", "no"} and int(flagged.sum()) == detector["flagged"]
     assert float(entropy.min()) == 0.0 and float(entropy.max()) == 1.0
     assert float(entropy[flagged].max()) <= 0.2 + 1e-6 and float(entropy[~flagged].min()) >= 0.2 - 1e-6  # tau
 
@@ -63,12 +63,12 @@ def test_vab_trains_a_clean_model_on_poisoned_data(tmp_path):
 
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["stage"] for m in metrics] == ["A", "A", "B", "B"]
-    assert metrics[-1]["asr"] == results["asr"] and metrics[-1]["victim_ba"] == results["victim"]["ba"]
+    assert metrics[-1]["asr"] == results["asr"] and metrics[-1]["victim_ba"] == results["vab"]["victim"]["ba"]
     assert {"loss_mix", "loss_u", "alpha", "suppression_weight_clean", "pseudo_attacker_label_poisoned"} <= set(
         metrics[-1]
     )
-    assert metrics[-1]["detector"]["round"] == detector["rounds"]
-    assert len((out / "detector.jsonl").read_text().splitlines()) == detector["rounds"]
+    assert metrics[-1]["detector"]["round"] == split["rounds"]
+    assert len((out / "detector.jsonl").read_text().splitlines()) == split["rounds"]
     victim, meta = load_model(out / "victim.safetensors")
     assert meta.architecture == "small-cnn" and "Victim" in meta.extra["role"]
 
@@ -76,24 +76,8 @@ def test_vab_trains_a_clean_model_on_poisoned_data(tmp_path):
 def _job(
     bundle: DataBundle, run_dir, train: TrainConfig, fingerprint: str, resume: bool = False, rate: float = 0.1
 ) -> TrainingJob:
-    """A V&B job on `bundle` poisoned by ATTACK at `rate`, on the CPU, as the pipeline would build it."""
-    attack = build_attack(AttackConfig(**{**ATTACK, "rate": rate}), bundle.num_classes, bundle.image_shape)
-    poisoned = attack.poison(bundle.train)
-    triggered = attack.test_set(bundle.test)
-    device = torch.device("cpu")
-    return TrainingJob(
-        bundle=bundle,
-        poisoned=poisoned,
-        triggered=triggered,
-        train=train,
-        device=device,
-        new_model=lambda: new_model(bundle, train, device),
-        evaluate=lambda model: evaluate(model, bundle.test, triggered),
-        run_dir=run_dir,
-        fingerprint=fingerprint,
-        resume=resume,
-        quiet=True,
-    )
+    """A V&B job on `bundle` poisoned by ATTACK at `rate`."""
+    return training_job(bundle, AttackConfig(**{**ATTACK, "rate": rate}), train, run_dir, fingerprint, resume)
 
 
 def _small_job(run_dir, resume: bool = False, fingerprint: str = "test") -> TrainingJob:
@@ -118,7 +102,7 @@ def _defense():
 
 
 def test_vab_resumes_to_the_same_result(tmp_path, monkeypatch):
-    straight, _ = _defense().train(_small_job(tmp_path / "straight"))
+    straight = _defense().train(_small_job(tmp_path / "straight")).model
 
     original = vab_defense.stage_b_epoch
 
@@ -130,7 +114,7 @@ def test_vab_resumes_to_the_same_result(tmp_path, monkeypatch):
         _defense().train(_small_job(tmp_path / "resumed"))
     assert len((tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()) == 1  # stage A's epoch 1
     monkeypatch.setattr(vab_defense, "stage_b_epoch", original)
-    resumed, _ = _defense().train(_small_job(tmp_path / "resumed", resume=True))
+    resumed = _defense().train(_small_job(tmp_path / "resumed", resume=True)).model
 
     a, b = straight.state_dict(), resumed.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -174,8 +158,8 @@ def _easy_class_job(run_dir, easy: int = 5) -> TrainingJob:
 def _split(tmp_path, refine: bool) -> tuple[TrainingJob, dict, torch.Tensor]:
     job = _easy_class_job(tmp_path / str(refine))
     params = {"victim_batch_size": 64, "refine": refine, "refine_until": 1.0}
-    model, results = build_defense(DefenseConfig(name="vab", params=params)).train(job)
-    results.update(job.evaluate(model))
+    result = build_defense(DefenseConfig(name="vab", params=params)).train(job)
+    results = {**job.evaluate(result.model), "detector": result.detector, **result.details}
     rows = [line.split(",") for line in (tmp_path / str(refine) / "suspicious.csv").read_text().splitlines()[1:]]
     return job, results, torch.tensor([r[2] == "yes" for r in rows])
 
@@ -192,7 +176,7 @@ def test_the_refined_split_hands_an_easy_clean_class_back_and_keeps_the_poison(t
         return float(mask[within].float().mean())
 
     # the Victim alone (its training never depends on the Beneficiary) loses most of the easy class to S ...
-    assert refined["detector"]["flagged"] == plain["detector"]["suspicious"] == int(flagged.sum())
+    assert refined["split"]["flagged_by_victim"] == plain["detector"]["flagged"] == int(flagged.sum())
     assert share(flagged, easy) > 0.5, share(flagged, easy)
     # ... the Beneficiary takes that class back and none of the relabelled poison the Victim caught
     assert share(suspicious, easy) < 0.1, share(suspicious, easy)

@@ -1,13 +1,15 @@
 """Tiny trained models with a known answer, shared by the Neural Cleanse, Grad-CAM and analyze tests (trained once
 per test session, in seconds, on the offline synthetic set)."""
 
+import copy
 from functools import cache
 
 import torch
 
 from bdguard.attacks import AttackConfig, build_attack
-from bdguard.data import DataConfig, ImageSet, load_dataset
-from bdguard.training import TrainConfig, fit
+from bdguard.data import DataBundle, DataConfig, ImageSet, load_dataset
+from bdguard.defenses import RepairJob, TrainingJob
+from bdguard.training import Evaluator, TrainConfig, evaluate, fit
 from bdguard.training.factory import new_model
 from bdguard.training.runtime import steps_per_epoch
 from bdguard.training.trainer import Trainer
@@ -68,3 +70,44 @@ def backdoored():
 def clean():
     """The same architecture trained on clean data only (one epoch: enough to classify, no backdoor)."""
     return _train(data().train, 1)
+
+
+def training_job(
+    bundle: DataBundle, attack: AttackConfig, train: TrainConfig, run_dir=None, fingerprint="test", resume=False
+) -> TrainingJob:
+    """A training defense's job on `bundle` poisoned by `attack`, on the CPU, as `bdguard train` builds it."""
+    built = build_attack(attack, bundle.num_classes, bundle.image_shape)
+    poisoned, triggered = built.poison(bundle.train), built.test_set(bundle.test)
+    device = torch.device("cpu")
+    return TrainingJob(
+        bundle=bundle,
+        poisoned=poisoned,
+        triggered=triggered,
+        train=train,
+        device=device,
+        new_model=lambda: new_model(bundle, train, device),
+        evaluate=lambda model: evaluate(model, bundle.test, triggered),
+        run_dir=run_dir,
+        fingerprint=fingerprint,
+        resume=resume,
+        quiet=True,
+    )
+
+
+def repair_job(probe: ImageSet, rest: ImageSet, train: TrainConfig, run_dir=None) -> RepairJob:
+    """A post-training defense's job on a copy of `backdoored()`: `probe` is its clean data, `rest` what BA and
+    ASR are measured on; it never sees the real trigger."""
+    model, attack = backdoored()
+    return RepairJob(
+        model=copy.deepcopy(model),
+        bundle=data(),
+        probe=probe,
+        oracle=None,
+        target=None,
+        evaluate=Evaluator(rest, attack.test_set(rest)),
+        train=train,
+        device=torch.device("cpu"),
+        run_dir=run_dir,
+        quiet=True,
+        seed=0,
+    )

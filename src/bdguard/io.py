@@ -116,3 +116,12 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def write_array(path: str | Path, array: Any) -> None:
+    """A tensor or array as .npy (no pickles, so `np.load(allow_pickle=False)` reads it), atomically."""
+    # imported here: numpy is not needed by the rest of this module
+    import numpy as np
+
+    values = array.detach().cpu().numpy() if hasattr(array, "detach") else np.asarray(array)
+    write_with(path, lambda handle: np.save(handle, values, allow_pickle=False))

@@ -22,9 +22,10 @@ from bdguard.attacks import ATTACKS, AttackConfig
 from bdguard.config import from_dict, load_file, merge, to_dict
 from bdguard.data import DataConfig
 from bdguard.defenses import DEFENSES, DefenseConfig, build_defense
+from bdguard.detectors import DETECTORS, DetectorConfig, build_detector
 from bdguard.errors import BdguardError
 from bdguard.models import MODELS
-from bdguard.repair import ProbeConfig
+from bdguard.runs.repair import ProbeConfig
 from bdguard.training import TrainConfig
 
 SUITE_SUFFIXES = (".toml", ".yaml", ".yml")
@@ -58,12 +59,22 @@ class DefenseSettings:
 
 
 @dataclass
+class DetectorSettings:
+    """`[by_detector.NAME]`: the detector's params, and `train` settings over the shared `[train]` for the network
+    it trains (vab, abl)."""
+
+    params: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class BenchConfig:
     name: str = "custom"
     description: str = ""
     attacks: list[str] = field(default_factory=lambda: ["badnets"])
     defenses: list[str] = field(default_factory=lambda: ["none"])
     seeds: list[int] = field(default_factory=lambda: [0])
+    detectors: list[str] = field(default_factory=list)  # poisoned-sample detectors run on every poisoned set
     gallery: bool = True  # a poisoning gallery (bdguard poison) per attack, for the report
     analyze: bool = False  # Grad-CAM and activation norms (bdguard analyze) of every cell's model with a trigger
     data: DataConfig = field(default_factory=DataConfig)
@@ -72,6 +83,7 @@ class BenchConfig:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     by_attack: dict[str, AttackSettings] = field(default_factory=dict)
     by_defense: dict[str, DefenseSettings] = field(default_factory=dict)
+    by_detector: dict[str, DetectorSettings] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for kind, names in (("attacks", self.attacks), ("defenses", self.defenses), ("seeds", self.seeds)):
@@ -79,6 +91,8 @@ class BenchConfig:
                 raise BdguardError(f"the suite's {kind} list is empty")
             if len(set(names)) != len(names):
                 raise BdguardError(f"the suite's {kind} list repeats an entry: {list(names)}")
+        if len(set(self.detectors)) != len(self.detectors):
+            raise BdguardError(f"the suite's detectors list repeats an entry: {list(self.detectors)}")
         if min(self.seeds) < 0:
             raise BdguardError(f"seeds must be >= 0, got {list(self.seeds)}")
         # unknown names and bad options fail here, before any run starts
@@ -90,6 +104,11 @@ class BenchConfig:
         for attack in self.attacks:
             config = self.attack_config(attack, self.seeds[0])
             ATTACKS.get(attack).parse_params(config.params)
+        for name in {*self.detectors, *self.by_detector}:
+            DETECTORS.get(name)
+        for detector in self.detectors:
+            build_detector(self.detector_config(detector))
+            self.detector_train_config(detector, self.seeds[0])
         for defense in self.defenses:
             build_defense(self.defense_config(defense))
             MODELS.get(self.train_config(defense, self.seeds[0]).model)
@@ -114,9 +133,18 @@ class BenchConfig:
         return DefenseConfig(name=defense, params=dict(self.by_defense.get(defense, DefenseSettings()).params))
 
     def train_config(self, defense: str, seed: int) -> TrainConfig:
-        own = self.by_defense.get(defense, DefenseSettings()).train
-        prefix = f"by_defense.{defense}.train."
-        return from_dict(TrainConfig, merge(to_dict(self.train), {**own, "seed": seed}), prefix=prefix)
+        return self._train(self.by_defense.get(defense, DefenseSettings()).train, f"by_defense.{defense}", seed)
+
+    def _train(self, own: dict[str, Any], section: str, seed: int) -> TrainConfig:
+        """The shared [train], then a section's own `train` settings, then the seed."""
+        return from_dict(TrainConfig, merge(to_dict(self.train), {**own, "seed": seed}), prefix=f"{section}.train.")
+
+    def detector_config(self, detector: str) -> DetectorConfig:
+        return DetectorConfig(name=detector, params=dict(self.by_detector.get(detector, DetectorSettings()).params))
+
+    def detector_train_config(self, detector: str, seed: int) -> TrainConfig:
+        """The network a detector trains itself (vab's Victim, abl's isolation network)."""
+        return self._train(self.by_detector.get(detector, DetectorSettings()).train, f"by_detector.{detector}", seed)
 
     def probe_config(self, seed: int) -> ProbeConfig:
         return ProbeConfig(size=self.probe.size, source=self.probe.source, seed=seed)

@@ -6,10 +6,12 @@ Folders under the bench's DIR:
                                      `bdguard prune` (post-training ones), plus run.yaml (its settings), analysis/
                                      (`bdguard analyze`, when the suite asks) and cell.json, written last: the cell
                                      is finished when cell.json exists
+  detections/<attack>/<detector>/seed<k>/  one detection: the folder of `bdguard detect` on the cell's poisoned
+                                     set (model-based detectors read the `none` cell's model), run.yaml, cell.json
   poison/<attack>/                   the poisoning gallery of `bdguard poison` (first seed), with run.yaml, cell.json
   poisoned-sets/                     the stored poisoned sets (attacks/store.py) the training cells share
-A post-training defense repairs the `none` cell's model of the same attack and seed, so that cell runs whenever
-one of them is in the grid, listed or not.
+A post-training defense repairs, and a model-based detector inspects, the `none` cell's model of the same attack
+and seed, so that cell runs whenever one of them is in the grid, listed or not.
 """
 
 from __future__ import annotations
@@ -21,13 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from bdguard.analysis.analyze import AnalyzeConfig
 from bdguard.attacks import ATTACKS
 from bdguard.bench.config import BenchConfig
 from bdguard.config import to_dict
 from bdguard.defenses import DEFENSES, PostTrainingDefense
-from bdguard.pipeline import RunConfig
-from bdguard.repair import PruneConfig
+from bdguard.detectors import DETECTORS
+from bdguard.runs.analyze import AnalyzeConfig
+from bdguard.runs.detect import DetectConfig
+from bdguard.runs.repair import PruneConfig
+from bdguard.runs.train import RunConfig
 
 UNDEFENDED = "none"
 DONE = "cell.json"  # written last in a step's folder: the step is finished
@@ -50,32 +54,38 @@ def is_post_training(defense: str) -> bool:
 
 
 def defense_order(config: BenchConfig) -> list[str]:
-    """The defenses of the grid: the suite's, with `none` first where post-training defenses need its model."""
-    needs_model = any(is_post_training(name) for name in config.defenses)
+    """The defenses of the grid: the suite's, with `none` first where post-training defenses or model-based
+    detectors need its model."""
+    needs_model = any(is_post_training(name) for name in config.defenses) or any(
+        DETECTORS.get(name).uses_model for name in config.detectors
+    )
     implied = [UNDEFENDED] if needs_model and UNDEFENDED not in config.defenses else []
     return implied + list(config.defenses)
 
 
 @dataclass(frozen=True)
 class Step:
-    kind: Literal["poison", "train", "repair"]
+    kind: Literal["poison", "train", "repair", "detect"]
     attack: str
-    defense: str | None  # None for a poisoning gallery
+    defense: str | None  # the detector of a detection; None for a poisoning gallery
     seed: int
     folder: Path
-    config: RunConfig | PruneConfig
+    config: RunConfig | PruneConfig | DetectConfig
     fingerprint: str
-    source: Path | None = None  # repair: the model it repairs
+    source: Path | None = None  # repair: the model it repairs; detect: the model it inspects, if any
     analysis: AnalyzeConfig | None = None  # analyze the cell's model after its run
 
     @property
     def is_cell(self) -> bool:
-        return self.kind != "poison"
+        """A cell of the attack x defense table."""
+        return self.kind in ("train", "repair")
 
     @property
     def label(self) -> str:
         if self.kind == "poison":
             return f"{self.attack} gallery"
+        if self.kind == "detect":
+            return f"{self.attack} / detector {self.defense} / seed {self.seed}"
         return f"{self.attack} / {self.defense} / seed {self.seed}"
 
     def commands(self) -> list[str]:
@@ -83,6 +93,9 @@ class Step:
         settings = str(self.folder / SETTINGS)
         if self.kind == "poison":
             return [shlex.join(["bdguard", "poison", "--config", settings, "--out", str(self.folder)])]
+        if self.kind == "detect":
+            model = [] if self.source is None else ["--model", str(self.source)]
+            return [shlex.join(["bdguard", "detect", "--config", settings, *model, "--out", str(self.folder)])]
         if self.kind == "train":
             run = ["bdguard", "train", "--config", settings, "--out", str(self.folder), "--resume"]
         else:
@@ -149,6 +162,27 @@ def plan(config: BenchConfig, out: str | Path) -> list[Step]:
                     source = base.folder / "model.safetensors"
                     step = Step("repair", attack, defense, seed, folder, repair, fingerprint, source, analysis)
                 steps.append(step)
+            steps += _detections(config, out, attack, seed, trained.get(UNDEFENDED))
+    return steps
+
+
+def _detections(config: BenchConfig, out: Path, attack: str, seed: int, undefended: Step | None) -> list[Step]:
+    """The detection steps of one poisoned set: every detector of the suite, on the set the cells train on."""
+    if not ATTACKS.get(attack).has_trigger:
+        return []
+    steps = []
+    for detector in config.detectors:
+        detect = DetectConfig(
+            data=config.data,
+            attack=config.attack_config(attack, seed),
+            detector=config.detector_config(detector),
+            train=config.detector_train_config(detector, seed),
+        )
+        source, parents = None, []
+        if DETECTORS.get(detector).uses_model:
+            source, parents = undefended.folder / "model.safetensors", [undefended.fingerprint]
+        folder = out / "detections" / attack / detector / f"seed{seed}"
+        steps.append(Step("detect", attack, detector, seed, folder, detect, settings_hash(detect, *parents), source))
     return steps
 
 

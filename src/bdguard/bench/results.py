@@ -3,9 +3,10 @@
 results.csv (and the `cells` of results.json) has the columns of `COLUMNS`; fractions stay fractions. `ba`, `asr`
 and `ra` are the cell's own: a post-training cell measures them on the test set minus its probe images, a
 training cell on the whole test set; `*_before` is the repaired model before repair, on the post-training cell's
-evaluation set. `tpr`, `fpr` and `auroc` are a detecting defense's (V&B: its poisoned-sample detector's last
-round), `backdoor_flagged` Neural Cleanse's verdict on the model (linf-prune with its reversed trigger,
-neural-cleanse), `pruned_fraction` a pruning defense's share of pruned channels. `seconds` is the run's own wall
+evaluation set. `tpr`, `fpr`, `auroc`,
+`backdoor_flagged` and `pruned_fraction` are the defense's `DefenseResult` (defenses/base.py): its poisoned-sample
+detector (V&B's last split, ABL's isolation), its verdict on the model (Neural Cleanse's, also linf-prune's with its
+reversed trigger), its share of pruned units. `seconds` is the run's own wall
 time (its results.json's, which sums the invocations of a resumed run), the figure the report shows too.
 """
 
@@ -50,7 +51,6 @@ def cell_row(attack: str, defense: str, seed: int, results: dict[str, Any], fold
     """The table's row of a finished cell, from its run's results.json."""
     before = results.get("before") or {}
     detector = results.get("detector") or {}
-    flagged = (results.get("neural_cleanse") or {}).get("backdoored", results.get("backdoored"))
     row = dict.fromkeys(COLUMNS)
     row.update(
         attack=attack,
@@ -66,7 +66,7 @@ def cell_row(attack: str, defense: str, seed: int, results: dict[str, Any], fold
         tpr=detector.get("tpr"),
         fpr=detector.get("fpr"),
         auroc=detector.get("auroc"),
-        backdoor_flagged=flagged,
+        backdoor_flagged=results.get("backdoor_flagged"),
         pruned_fraction=results.get("pruned_fraction"),
         dataset=results.get("dataset"),
         model=results.get("model"),
@@ -77,9 +77,48 @@ def cell_row(attack: str, defense: str, seed: int, results: dict[str, Any], fold
     return row
 
 
-def failed_row(attack: str, defense: str, seed: int, folder: str, error: str) -> dict:
-    row = dict.fromkeys(COLUMNS)
-    row.update(attack=attack, defense=defense, seed=seed, status="failed", folder=folder, error=error)
+DETECTION_COLUMNS = (
+    "attack",
+    "detector",
+    "seed",
+    "status",
+    "auroc",
+    "auprc",
+    "tpr",
+    "fpr",
+    "precision",
+    "flagged",
+    "poisoned",
+    "samples",
+    "seconds",
+    "folder",
+    "error",
+)
+
+
+def detection_row(attack: str, detector: str, seed: int, results: dict[str, Any], folder: str) -> dict:
+    """The detection table's row of a finished detection, from its results.json."""
+    metrics = results.get("metrics") or {}
+    row = dict.fromkeys(DETECTION_COLUMNS)
+    row.update({key: metrics.get(key) for key in ("auroc", "auprc", "tpr", "fpr", "precision")})
+    row.update(
+        attack=attack,
+        detector=detector,
+        seed=seed,
+        status="done",
+        flagged=results["flagged"],
+        poisoned=results.get("poisoned"),
+        samples=results["samples"],
+        seconds=results["seconds"],
+        folder=folder,
+    )
+    return row
+
+
+def failed_row(columns: Iterable[str], folder: str, error: str, **keys: Any) -> dict:
+    """The row of a step that failed: its keys (attack, defense or detector, seed), the folder and the error."""
+    row = dict.fromkeys(columns)
+    row.update(keys, status="failed", folder=folder, error=error)
     return row
 
 

@@ -19,14 +19,25 @@ import yaml
 from bdguard.attacks import build_attack
 from bdguard.bench.config import BenchConfig
 from bdguard.bench.grid import DONE, POISON_STORE, SETTINGS, Step, cell_order, plan
-from bdguard.bench.results import COLUMNS, cell_row, failed_row, summarise, write_csv
+from bdguard.bench.results import (
+    COLUMNS,
+    DETECTION_COLUMNS,
+    cell_row,
+    detection_row,
+    failed_row,
+    summarise,
+    write_csv,
+)
 from bdguard.config import to_dict
 from bdguard.data import load_dataset
 from bdguard.errors import BdguardError
 from bdguard.io import read_json, write_json, write_text
-from bdguard.pipeline import environment, run_poison, run_train
 from bdguard.progress import grid_progress, log
-from bdguard.repair import TEST_HOLDOUT, run_prune
+from bdguard.runs.common import environment
+from bdguard.runs.detect import run_detect
+from bdguard.runs.poison import run_poison
+from bdguard.runs.repair import TEST_HOLDOUT, run_prune
+from bdguard.runs.train import run_train
 from bdguard.training.runtime import CHECKPOINT
 
 ERROR = "error.txt"
@@ -76,6 +87,10 @@ def _run_step(step: Step, out: Path, quiet: bool) -> dict[str, Any]:
     _write_settings(step.folder / SETTINGS, step.config)
     if step.kind == "poison":
         return run_poison(step.config, step.folder, quiet=quiet, poison_store=store)
+    if step.kind == "detect":
+        if step.source is not None and not step.source.exists():
+            raise BdguardError(f"the model it inspects, {step.source}, is missing: its `none` cell did not finish")
+        return run_detect(step.config, step.folder, step.source, quiet=quiet, poison_store=store)
     results_file = step.folder / "results.json"
     if results_file.exists():  # the run finished before an interruption; only what follows it is missing
         results = read_json(results_file)
@@ -86,7 +101,7 @@ def _run_step(step: Step, out: Path, quiet: bool) -> dict[str, Any]:
             raise BdguardError(f"the model it repairs, {step.source}, is missing: its `none` cell did not finish")
         results = run_prune(step.config, step.source, step.folder, quiet=quiet)
     if step.analysis is not None:
-        from bdguard.analysis.analyze import run_analyze  # imported here: it draws with matplotlib
+        from bdguard.runs.analyze import run_analyze  # imported here: it draws with matplotlib
 
         folder = step.folder / "analysis"
         folder.mkdir(parents=True, exist_ok=True)
@@ -98,6 +113,9 @@ def _run_step(step: Step, out: Path, quiet: bool) -> dict[str, Any]:
 def _message(step: Step, results: dict[str, Any]) -> str:
     if step.kind == "poison":
         return f"{step.label}: {results['poisoned']} poisoned samples"
+    if step.kind == "detect":
+        auroc = (results["metrics"] or {}).get("auroc")
+        return f"{step.label}: AUROC {'-' if auroc is None else f'{auroc:.3f}'}, flagged {results['flagged']}"
     parts = [f"BA {results['ba']:.3f}"]
     if results.get("asr") is not None:
         parts.append(f"ASR {results['asr']:.3f}")
@@ -108,18 +126,22 @@ def _relative(path: Path, out: Path) -> str:
     return path.relative_to(out).as_posix()
 
 
-def collect(config: BenchConfig, steps: list[Step], out: Path) -> list[dict]:
-    """The rows of the cells finished or failed so far, in the grid's order."""
+def collect(config: BenchConfig, steps: list[Step], out: Path, kind: str = "cell") -> list[dict]:
+    """The rows of the cells (or, with kind="detect", the detections) finished or failed so far, in the grid's
+    order."""
     rows = []
     for step in steps:
-        if not step.is_cell:
+        if not (step.is_cell if kind == "cell" else step.kind == "detect"):
             continue
         folder = _relative(step.folder, out)
         if (step.folder / DONE).exists():
             rows.append(read_json(step.folder / DONE)["row"])
         elif (step.folder / ERROR).exists():
             error = (step.folder / ERROR).read_text().strip().splitlines()[0]
-            rows.append(failed_row(step.attack, step.defense, step.seed, folder, error))
+            columns, name = (COLUMNS, "defense") if kind == "cell" else (DETECTION_COLUMNS, "detector")
+            rows.append(failed_row(columns, folder, error, attack=step.attack, seed=step.seed, **{name: step.defense}))
+    if kind != "cell":
+        return rows  # the grid's own order: by attack, seed, then detector as listed
     order = cell_order(config)
     return sorted(rows, key=lambda row: order[(row["attack"], row["defense"], row["seed"])])
 
@@ -127,14 +149,18 @@ def collect(config: BenchConfig, steps: list[Step], out: Path) -> list[dict]:
 def write_results(config: BenchConfig, steps: list[Step], out: Path) -> dict[str, Any]:
     """results.csv, summary.csv and results.json from the cells' folders (rewritten whole after every cell)."""
     rows = collect(config, steps, out)
+    detections = collect(config, steps, out, kind="detect")
     summary = summarise(rows)
     write_csv(out / "results.csv", rows, COLUMNS)
+    if config.detectors:
+        write_csv(out / "detections.csv", detections, DETECTION_COLUMNS)
     write_csv(out / "summary.csv", summary, summary[0].keys() if summary else ("attack", "defense", "seeds"))
     data = {
         "suite": config.name,
         "description": config.description,
         "cells": rows,
         "summary": summary,
+        "detections": detections,
         "config": to_dict(config),
         "environment": environment(),
     }
@@ -195,6 +221,9 @@ def run_bench(config: BenchConfig, out: str | Path, quiet: bool = False) -> dict
             if step.is_cell:
                 folder = _relative(step.folder, out)
                 record["row"] = cell_row(step.attack, step.defense, step.seed, results, folder)
+            elif step.kind == "detect":
+                folder = _relative(step.folder, out)
+                record["row"] = detection_row(step.attack, step.defense, step.seed, results, folder)
             write_json(step.folder / DONE, record)
             grid.finished(_message(step, results))
             write_results(config, steps, out)

@@ -6,10 +6,10 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from bdguard.analysis.analyze import AnalysisParams, AnalyzeConfig, run_analyze
 from bdguard.cli.options import config_tree
 from bdguard.cli.prune import PROBE_FLAGS, add_probe_command
 from bdguard.config import merge, parse_assignments, set_dotted
+from bdguard.runs.analyze import AnalysisParams, AnalyzeConfig, run_analyze
 
 DESCRIPTION = """\
 Look inside --model (linf_pruning.md 3-4) on the probe images `bdguard prune` would use, and write to --out:

@@ -60,11 +60,12 @@ def _bench(args: argparse.Namespace) -> int:
     config = load_suite(args.suite, bench_overrides(args))
     results = run_bench(config, args.out, quiet=args.quiet)
     _print_matrix(results)
+    _print_detections(results["detections"])
     out = Path(args.out)
-    failed = [row for row in results["cells"] if row["status"] == "failed"]
+    failed = [row for row in results["cells"] + results["detections"] if row["status"] == "failed"]
     print(f"results: {out / 'results.csv'}  report: bdguard report {out} --out {out / 'report.html'}")
     if failed:
-        names = ", ".join(f"{r['attack']}/{r['defense']}/seed{r['seed']}" for r in failed)
+        names = ", ".join(f"{r['attack']}/{r.get('defense') or r['detector']}/seed{r['seed']}" for r in failed)
         print(
             f"bdguard: {len(failed)} cell(s) failed ({names}): see error.txt in their folders; re-run to retry",
             file=sys.stderr,
@@ -98,6 +99,32 @@ def _print_matrix(results: dict[str, Any]) -> None:
             asr = entry["asr_mean"]
             row.append(f"{entry['ba_mean']:.1%} / " + ("-" if asr is None else f"{asr:.1%}"))
         table.add_row(*row)
+    Console(highlight=False).print(table)
+
+
+def _print_detections(rows: list[dict[str, Any]]) -> None:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    done = [row for row in rows if row["status"] == "done"]
+    if not done:
+        return
+    detectors = list(dict.fromkeys(row["detector"] for row in done))
+    table = Table(title="poisoned-sample detection: AUROC (TPR / FPR at the detector's threshold)", box=box.SIMPLE_HEAD)
+    table.add_column("attack / seed")
+    for detector in detectors:
+        table.add_column(detector, justify="right")
+    for attack, seed in dict.fromkeys((row["attack"], row["seed"]) for row in done):
+        mine = {row["detector"]: row for row in done if row["attack"] == attack and row["seed"] == seed}
+        cells = []
+        for detector in detectors:
+            row = mine.get(detector)
+            if row is None or row["auroc"] is None:
+                cells.append("-")
+                continue
+            cells.append(f"{row['auroc']:.3f} ({row['tpr']:.0%} / {row['fpr']:.0%})")
+        table.add_row(f"{attack} / {seed}", *cells)
     Console(highlight=False).print(table)
 
 

@@ -15,9 +15,9 @@ from rich.table import Table
 from bdguard.attacks import AttackConfig
 from bdguard.data import DataConfig
 from bdguard.defenses import DefenseConfig
-from bdguard.pipeline import RunConfig, run_train
 from bdguard.progress import log
-from bdguard.repair import PruneConfig, run_prune
+from bdguard.runs.repair import PruneConfig, run_prune
+from bdguard.runs.train import RunConfig, run_train
 from bdguard.training import TrainConfig
 
 DEMO_DEFENSES = ("none", "vab")  # trained on the poisoned set

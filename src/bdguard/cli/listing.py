@@ -12,6 +12,7 @@ from rich.table import Table
 from bdguard.attacks import ATTACKS
 from bdguard.data import dataset_status
 from bdguard.defenses import DEFENSES
+from bdguard.detectors import DETECTORS
 from bdguard.models import MODELS
 
 # a pipe or file gets wide lines rather than rich's 80-column default
@@ -60,6 +61,16 @@ def list_defenses() -> int:
     for name in DEFENSES:
         cls = DEFENSES.get(name)
         table.add_row(name, cls.stage, _params(cls.Params), cls.description)
+    _console.print(table)
+    return 0
+
+
+def list_detectors() -> int:
+    table = _table("detector", "reads", "parameters (defaults)", "description")
+    for name in DETECTORS:
+        cls = DETECTORS.get(name)
+        reads = "a trained model (--model, or trains one)" if cls.uses_model else "trains its own network"
+        table.add_row(name, reads, _params(cls.Params), cls.description)
     _console.print(table)
     return 0
 

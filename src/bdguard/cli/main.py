@@ -13,6 +13,7 @@ from bdguard.cli import listing
 from bdguard.cli.analyze import add_analyze_parser
 from bdguard.cli.bench import add_bench_parser
 from bdguard.cli.demo import run_demo
+from bdguard.cli.detect import add_detect_parser
 from bdguard.cli.options import ATTACK_FLAGS, DATA_FLAGS, TRAIN_FLAGS, add_config_flags, add_flags, run_config
 from bdguard.cli.poison import add_poison_parser
 from bdguard.cli.prune import add_prune_parser
@@ -26,7 +27,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from bdguard.pipeline import run_train
+    from bdguard.runs.train import run_train
 
     results = run_train(run_config(args, primary="attack"), args.out, resume=args.resume, quiet=args.quiet)
     _print_results(results, Path(args.out))
@@ -34,7 +35,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from bdguard.pipeline import run_evaluate
+    from bdguard.runs.train import run_evaluate
 
     config = run_config(args, primary="attack")
     attack_given = args.config or args.set or any(vars(args)[key] is not None for _, key, _ in ATTACK_FLAGS)
@@ -60,6 +61,7 @@ def build_parser() -> Parser:
 
     add_analyze_parser(sub)
     add_bench_parser(sub)
+    add_detect_parser(sub)
     add_poison_parser(sub)
     add_prune_parser(sub)
     add_report_parser(sub)
@@ -84,6 +86,7 @@ def build_parser() -> Parser:
         ("datasets", listing.list_datasets, "list data sets and where they are available offline"),
         ("attacks", listing.list_attacks, "list attacks with their parameters"),
         ("defenses", listing.list_defenses, "list defenses with their parameters"),
+        ("detectors", listing.list_detectors, "list poisoned-sample detectors with their parameters"),
         ("models", listing.list_models, "list model architectures"),
     ):
         sub.add_parser(name, help=text).set_defaults(handler=lambda args, func=func: func())

@@ -8,10 +8,11 @@ from typing import Any
 from bdguard.attacks import ATTACKS
 from bdguard.config import load_file, parse_assignments, set_dotted, to_dict
 from bdguard.defenses import DEFENSES
+from bdguard.detectors import DETECTORS
 from bdguard.errors import BdguardError
-from bdguard.pipeline import RunConfig
+from bdguard.runs.train import RunConfig
 
-SECTIONS = ("data", "attack", "defense", "probe", "train")  # probe: `prune` and `analyze` only
+SECTIONS = ("data", "attack", "defense", "detector", "probe", "train", "gallery")  # each command takes its own
 
 # (flag, dotted key in RunConfig, extra argparse settings)
 DATA_FLAGS = [
@@ -74,29 +75,35 @@ def add_config_flags(parser: argparse.ArgumentParser, set_help: str) -> None:
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
 
 
+def _chosen_elsewhere(head: str, names: dict[str, str | None]) -> str | None:
+    """The kind (attack, defense, detector) that `head` names one of, when this command has that kind but chose
+    another: a setting for something not in the run."""
+    registries = {"attack": ATTACKS, "defense": DEFENSES, "detector": DETECTORS}
+    return next((kind for kind, registry in registries.items() if names[kind] is not None and head in registry), None)
+
+
 def config_tree(args: argparse.Namespace, primary: str = "attack", config_cls: type = RunConfig) -> dict[str, Any]:
     """Defaults < --config file < flags < --set, as a nested dict of the sections given (for `config_cls`).
 
-    A `--set` key is a full path (`train.momentum=0.8`), or starts with the chosen attack's or defense's name
-    (`badnets.patch_size=4`), or is bare, in which case it belongs to the `primary` section's params.
+    A `--set` key is a full path (`train.momentum=0.8`), or starts with the chosen attack's, defense's or
+    detector's name (`badnets.patch_size=4`), or is bare, in which case it belongs to the `primary` section's params.
     """
     tree: dict[str, Any] = load_file(args.config) if getattr(args, "config", None) else {}
     for dotted, value in vars(args).items():
         if value is not None and dotted.split(".")[0] in SECTIONS:
             set_dotted(tree, dotted, value)
     names = {
-        "attack": tree.get("attack", {}).get("name", _default("attack.name", config_cls)),
-        "defense": tree.get("defense", {}).get("name", _default("defense.name", config_cls)),
+        kind: tree.get(kind, {}).get("name", _default(f"{kind}.name", config_cls))
+        for kind in ("attack", "defense", "detector")
     }
     for key, value in parse_assignments(getattr(args, "set", None)).items():
         head, _, rest = key.partition(".")
         if head in SECTIONS and rest:
             set_dotted(tree, key, value)
         elif rest and head in names.values():
-            section = "attack" if head == names["attack"] else "defense"
+            section = next(kind for kind, name in names.items() if name == head)
             set_dotted(tree, f"{section}.params.{rest}", value)
-        elif rest and (head in ATTACKS or head in DEFENSES):
-            kind = "attack" if head in ATTACKS else "defense"
+        elif rest and (kind := _chosen_elsewhere(head, names)) is not None:
             raise BdguardError(
                 f"--set {key}: {head} is not the chosen {kind} ({names[kind]}); pass --{kind} {head}, or drop the "
                 "setting"

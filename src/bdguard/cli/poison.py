@@ -7,7 +7,7 @@ from pathlib import Path
 
 from bdguard.attacks import AttackConfig
 from bdguard.cli.options import ATTACK_FLAGS, DATA_FLAGS, add_config_flags, add_flags, run_config
-from bdguard.pipeline import GALLERY_ROWS, run_poison
+from bdguard.runs.poison import GALLERY_ROWS, run_poison
 
 DESCRIPTION = """\
 Poison the training set with an attack, train nothing (beyond what the attack itself needs, such as a trigger

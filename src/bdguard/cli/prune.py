@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from bdguard.cli.options import ATTACK_FLAGS, DATA_FLAGS, DEVICE_FLAGS, add_config_flags, add_flags, config_tree
-from bdguard.repair import PruneConfig, run_prune
+from bdguard.runs.repair import PruneConfig, run_prune
 
 DESCRIPTION = """\
 Repair --model with a post-training defense (see `bdguard defenses`, stage post-training) and write to --out:

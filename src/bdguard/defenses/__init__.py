@@ -1,9 +1,11 @@
 """Defenses, one file each, registered by name in `DEFENSES`."""
 
-from bdguard.defenses import neural_cleanse, none, pruning, vab  # noqa: F401  (registration)
+from bdguard.defenses import abl, anp, neural_cleanse, none, pruning, vab  # noqa: F401  (registration)
 from bdguard.defenses.base import (
     Defense,
     DefenseConfig,
+    DefenseResult,
+    Figure,
     PostTrainingDefense,
     RepairJob,
     TrainingDefense,
@@ -20,6 +22,8 @@ __all__ = [
     "DEFENSES",
     "Defense",
     "DefenseConfig",
+    "DefenseResult",
+    "Figure",
     "PostTrainingDefense",
     "RepairJob",
     "TrainingDefense",

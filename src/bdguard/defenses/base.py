@@ -20,6 +20,54 @@ from bdguard.training.metrics import Evaluator
 from bdguard.training.runtime import RunClock
 
 
+@dataclass(frozen=True)
+class Figure:
+    """A PNG a defense wrote into its run folder, and what it shows (the report's caption)."""
+
+    file: str
+    caption: str
+
+
+DETECTOR_KEYS = ("flagged", "tpr", "fpr", "precision", "auroc", "auprc")
+
+
+@dataclass
+class DefenseResult:
+    """What every defense returns: the model to deploy and the one contract that results.json, the bench's table
+    and the report read, so a new defense shows in all three without an edit to them.
+
+    `detector`: the defense's own poisoned-sample detector measured against the ground truth (V&B's split, ABL's
+    isolation), with `DETECTOR_KEYS`; `pruned_fraction`: the share of units a pruning defense removed;
+    `backdoor_flagged`: a model-level verdict (Neural Cleanse's); `figures`: the PNGs it wrote, captioned;
+    `details`: anything else, written into results.json under the defense's name."""
+
+    model: torch.nn.Module
+    detector: dict[str, Any] | None = None
+    pruned_fraction: float | None = None
+    backdoor_flagged: bool | None = None
+    figures: tuple[Figure, ...] = ()
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.detector is not None and set(self.detector) != set(DETECTOR_KEYS):
+            raise ValueError(f"a detector summary has the keys {DETECTOR_KEYS}, got {sorted(self.detector)}")
+
+    def to_json(self, defense: str) -> dict[str, Any]:
+        """The results.json entries of the contract, the details under `defense`."""
+        return {
+            "detector": self.detector,
+            "pruned_fraction": self.pruned_fraction,
+            "backdoor_flagged": self.backdoor_flagged,
+            "figures": [{"file": f.file, "caption": f.caption} for f in self.figures],
+            defense: self.details,
+        }
+
+
+def detector_summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The contract's detector entry from `training.metrics.detection_metrics`' output."""
+    return {"flagged": metrics["suspicious"], **{key: metrics[key] for key in DETECTOR_KEYS if key != "flagged"}}
+
+
 @dataclass
 class DefenseConfig:
     name: str = "none"
@@ -64,8 +112,8 @@ class TrainingDefense(Defense):
     stage = "training"
 
     @abstractmethod
-    def train(self, job: TrainingJob) -> tuple[torch.nn.Module, dict[str, Any]]:
-        """Train and return the model to deploy plus extra results (detector figures, stage timings)."""
+    def train(self, job: TrainingJob) -> DefenseResult:
+        """Train and return the model to deploy with what the defense measured."""
 
 
 @dataclass
@@ -96,5 +144,6 @@ class PostTrainingDefense(Defense):
     stage = "post-training"
 
     @abstractmethod
-    def repair(self, job: RepairJob) -> tuple[BackdoorModel, dict[str, Any]]:
-        """Return the repaired model plus extra results (the chosen prune level, detection figures, the curve)."""
+    def repair(self, job: RepairJob) -> DefenseResult:
+        """Return the repaired model (a `BackdoorModel`) with what the defense measured (the chosen prune level,
+        the curve)."""

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from bdguard.config import check_range
 from bdguard.data.augment import to_float
 from bdguard.data.base import ImageSet
-from bdguard.defenses.base import PostTrainingDefense, RepairJob
+from bdguard.defenses.base import DefenseResult, Figure, PostTrainingDefense, RepairJob
 from bdguard.defenses.common import fine_tune, trigger_success
 from bdguard.defenses.registry import DEFENSES
 from bdguard.errors import BdguardError
@@ -40,6 +40,7 @@ from bdguard.progress import log, progress_bar
 from bdguard.training.metrics import predict
 from bdguard.training.runtime import autocast
 
+TRIGGER_CAPTION = "Neural Cleanse: the reversed mask and pattern"
 MAD_CONSISTENCY = 1.4826  # makes the MAD a consistent estimate of the standard deviation of normal data
 COST_DOWN_POWER = 1.5  # NC lowers λ by cost_multiplier ** 1.5 and raises it by cost_multiplier
 EARLY_STOP_PATIENCE = 5  # a label stops once its best norm has not improved for this many x patience steps
@@ -422,23 +423,29 @@ class NeuralCleanse(PostTrainingDefense):
     description = "reverse-engineer a minimal trigger per label, flag the MAD outlier, unlearn its trigger"
     Params = NeuralCleanseParams
 
-    def repair(self, job: RepairJob) -> tuple[BackdoorModel, dict[str, Any]]:
+    def repair(self, job: RepairJob) -> DefenseResult:
         p = self.params
         trigger = reverse_engineer(job.model, job.probe.images, p, job.quiet)
+        figures: tuple[Figure, ...] = ()
         if job.run_dir is not None:
             write_trigger_image(trigger, job.run_dir / "nc_trigger.png")
-        extra: dict[str, Any] = {"neural_cleanse": trigger.to_json(), "backdoored": trigger.backdoored}
+            figures = (Figure("nc_trigger.png", TRIGGER_CAPTION),)
+        details: dict[str, Any] = {"trigger": trigger.to_json()}
+
+        def result() -> DefenseResult:
+            return DefenseResult(job.model, backdoor_flagged=trigger.backdoored, figures=figures, details=details)
+
         if p.mitigation == "none":
-            return job.model, extra
+            return result()
 
         # unlearning keeps correct labels on stamped images: the model learns that the trigger means nothing. The
         # optimiser and schedule are the run's; no crops, which would move the reversed trigger off its place
         data = unlearning_set(job.probe, trigger, p.unlearn_fraction, job.seed)
         train = dataclasses.replace(job.train, batch_size=p.unlearn_batch_size, augment=False)
         unlearn = dataclasses.replace(job, probe=data, train=train)
-        extra["unlearning"] = fine_tune(unlearn, p.unlearn_epochs, p.unlearn_lr, job.seed)
-        extra["unlearned_probe_asr"] = json_safe(trigger.success(job.model, job.probe.images))
-        return job.model, extra
+        details["unlearning"] = fine_tune(unlearn, p.unlearn_epochs, p.unlearn_lr, job.seed)
+        details["unlearned_probe_asr"] = json_safe(trigger.success(job.model, job.probe.images))
+        return result()
 
 
 def write_trigger_image(trigger: ReversedTrigger, path: Path) -> None:

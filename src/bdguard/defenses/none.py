@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-
-from bdguard.defenses.base import TrainingDefense, TrainingJob
+from bdguard.defenses.base import DefenseResult, TrainingDefense, TrainingJob
 from bdguard.defenses.registry import DEFENSES
 from bdguard.training.runtime import steps_per_epoch
 from bdguard.training.trainer import Trainer, fit, make_augment
@@ -17,7 +13,7 @@ class NoDefense(TrainingDefense):
     name = "none"
     description = "plain training on the (possibly poisoned) training set"
 
-    def train(self, job: TrainingJob) -> tuple[torch.nn.Module, dict[str, Any]]:
+    def train(self, job: TrainingJob) -> DefenseResult:
         model = job.new_model()
         steps = steps_per_epoch(len(job.poisoned.train), job.train.batch_size)
         trainer = Trainer(model, job.train, job.device, make_augment(job.train, job.bundle.flip), steps)
@@ -31,4 +27,4 @@ class NoDefense(TrainingDefense):
             quiet=job.quiet,
             clock=job.clock,
         )
-        return model, {}
+        return DefenseResult(model)

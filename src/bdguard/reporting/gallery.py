@@ -109,12 +109,12 @@ def gallery_title(manifest: dict[str, Any], classes: Sequence[str]) -> str:
     )
 
 
-def _name(classes: Sequence[str], label: torch.Tensor | int) -> str:
+def class_name(classes: Sequence[str], label: torch.Tensor | int) -> str:
     name = classes[int(label)]
     return name if len(name) <= NAME_CHARS else name[: NAME_CHARS - 1] + "\u2026"
 
 
-def _pixels(image: torch.Tensor, factor: int) -> np.ndarray:
+def pixels(image: torch.Tensor, factor: int) -> np.ndarray:
     """(C, H, W) uint8 -> RGB (H, W, 3) upscaled by `factor` with nearest neighbours; one channel becomes grey.
 
     Colours are computed here, not by a matplotlib colour map, so every image pixel lands in the PNG unchanged.
@@ -166,17 +166,17 @@ def gallery_figure(
 
     maps, peaks = amplified_difference(examples.clean, examples.poisoned)
     for row in range(len(examples)):
-        old, new = _name(classes, examples.labels[row]), _name(classes, examples.new_labels[row])
+        old, new = class_name(classes, examples.labels[row]), class_name(classes, examples.new_labels[row])
         change = f"{old} (label kept)" if examples.labels[row] == examples.new_labels[row] else f"{old} -> {new}"
-        place(row, 0, _pixels(examples.clean[row], factor), f"clean #{int(examples.indices[row])}\n{old}")
-        place(row, 1, _pixels(examples.poisoned[row], factor), f"{examples.kinds[row]}\n{change}")
+        place(row, 0, pixels(examples.clean[row], factor), f"clean #{int(examples.indices[row])}\n{old}")
+        place(row, 1, pixels(examples.poisoned[row], factor), f"{examples.kinds[row]}\n{change}")
         peak = int(peaks[row])
         scale = f"x{255 / peak:.1f}" if peak else "none"
         place(row, 2, _heat(maps[row], factor), f"|difference| {scale}\nlargest change {peak}")
     if triggered is not None:
         for row in range(test_rows):
-            old, want = _name(classes, triggered.labels[row]), _name(classes, triggered.targets[row])
-            place(row, 3, _pixels(triggered.images[row], factor), f"test, triggered\n{old} -> {want}")
+            old, want = class_name(classes, triggered.labels[row]), class_name(classes, triggered.targets[row])
+            place(row, 3, pixels(triggered.images[row], factor), f"test, triggered\n{old} -> {want}")
     return figure
 
 

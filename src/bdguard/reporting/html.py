@@ -30,17 +30,15 @@ from bdguard.io import read_json, write_text
 from bdguard.progress import log
 from bdguard.reporting.figures import detector_curves, read_jsonl, training_curve
 
+# the figures of the poisoning gallery and of `analyze`; a defense's come captioned in its results.json (`figures`)
 CAPTIONS = {
     "gallery.png": "poisoning gallery: clean and poisoned training images, their amplified difference, triggered test "
     "images",
-    "entropy_hist.png": "V&B: normalised prediction entropy of clean and poisoned training samples at key rounds",
-    "curve.png": "pruning: BA, ASR and RA (test minus probe) and the probe figures against the pruned fraction",
     "norms.png": "per-channel activation norms, clean vs triggered",
     "norms_clean.png": "per-channel activation norms of the clean-trained model",
     "nc_trigger.png": "Neural Cleanse: the reversed mask and pattern",
     "gradcam.png": "Grad-CAM on clean and triggered probe images (title: mean trigger-focus ratio)",
 }
-ORDER = list(CAPTIONS)  # known figures first, in this order; any other PNG after them
 
 
 @dataclass
@@ -71,6 +69,7 @@ class Group:
     attacks: list[str] = field(default_factory=list)  # row and column order
     defenses: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)  # bench cells that failed: "attack / defense / seed k: error"
+    detections: list[dict[str, Any]] = field(default_factory=list)  # a bench's detection rows (detections.csv)
 
 
 def _commands(results: dict[str, Any]) -> list[str]:
@@ -125,6 +124,11 @@ def _bench_group(folder: Path, data: dict[str, Any]) -> Group:
         group.entries.append(Entry(cell, row["attack"], row["defense"], row["seed"], results, commands, analysis))
     for poison in sorted((folder / "poison").glob("*/manifest.json")):
         group.galleries[poison.parent.name] = poison.parent
+    group.detections = list(data.get("detections") or [])
+    for row in group.detections:
+        if row.get("status") == "failed":
+            where = f"{row['attack']} / detector {row['detector']} / seed {row['seed']}"
+            group.failed.append(f"{where}: {row.get('error')}")
     return group
 
 
@@ -208,9 +212,13 @@ def _figure(png: bytes, caption: str) -> str:
     return f'<figure><img src="{_data_uri(png)}" alt="{text}"><figcaption>{text}</figcaption></figure>'
 
 
-def _pngs(folder: Path, prefix: str = "") -> list[str]:
-    files = sorted(folder.glob("*.png"), key=lambda p: (ORDER.index(p.name) if p.name in ORDER else len(ORDER), p.name))
-    return [_figure(path.read_bytes(), prefix + CAPTIONS.get(path.name, path.name)) for path in files]
+def _pngs(folder: Path, prefix: str = "", declared: Iterable[dict[str, str]] = ()) -> list[str]:
+    """The folder's PNGs: the `declared` ones (a defense's `figures`) first, in their order and with their
+    captions, then the known ones of CAPTIONS, then any other by its name."""
+    captions = {**CAPTIONS, **{f["file"]: f["caption"] for f in declared}}
+    order = [f["file"] for f in declared] + list(CAPTIONS)
+    files = sorted(folder.glob("*.png"), key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name))
+    return [_figure(path.read_bytes(), prefix + captions.get(path.name, path.name)) for path in files]
 
 
 def _with_std(mean: float | None, std: float | None) -> str:
@@ -335,11 +343,11 @@ def _entry_details(entry: Entry) -> str:
     detector = detector_curves(entry.folder)
     if detector:
         figures.append(_figure(detector, "V&B detector: TPR, FPR, AUROC per scoring round; ROC of the final score"))
-    figures += _pngs(entry.folder)
+    figures += _pngs(entry.folder, declared=r.get("figures") or ())
     if entry.analysis is not None:
         figures += _pngs(entry.analysis, "analysis: ")
     body.append("".join(figures))
-    extra = {k: r[k] for k in ("k", "k_reason", "trigger", "order", "neural_cleanse", "victim") if k in r}
+    extra = r.get(entry.defense)  # the defense's own details (DefenseResult.details)
     if extra:
         text = json.dumps(extra, indent=1, default=str)
         body.append(f"<p>defense details</p><pre>{_esc(text)}</pre>")
@@ -347,6 +355,33 @@ def _entry_details(entry: Entry) -> str:
     body.append(f"<p>command</p><pre>{_esc(commands)}</pre>")
     body.append(f'<p class="meta">folder {_esc(entry.folder)}; {_esc(_versions(r))}</p>')
     return f'<details id="{entry.anchor}"><summary>{summary}</summary>{"".join(body)}</details>'
+
+
+def _detection_table(rows: list[dict[str, Any]]) -> str:
+    """Attack x detector: AUROC of the scores, then TPR and FPR at the detector's own threshold (mean over seeds)."""
+    done = [row for row in rows if row.get("status") == "done"]
+    attacks = list(dict.fromkeys(row["attack"] for row in done))
+    detectors = list(dict.fromkeys(row["detector"] for row in done))
+    head = "".join(f"<th>{_esc(name)}</th>" for name in detectors)
+    body = []
+    for attack in attacks:
+        cells = []
+        for detector in detectors:
+            mine = [row for row in done if row["attack"] == attack and row["detector"] == detector]
+
+            def mean(key: str, mine=mine) -> float | None:
+                return mean_std([row[key] for row in mine if row.get(key) is not None])[0]
+
+            auroc = mean("auroc")
+            colour = "" if auroc is None else f' style="background:{_hue_colour(max(0.0, 2 * auroc - 1))}"'
+            text = f"{_fmt3(auroc)}<br>TPR {_pct(mean('tpr'))} FPR {_pct(mean('fpr'))}" if mine else "-"
+            cells.append(f"<td{colour}>{text}</td>")
+        body.append(f"<tr><th>{_esc(attack)}</th>{''.join(cells)}</tr>")
+    caption = (
+        '<h3>Poisoned-sample detection</h3><p class="meta">per attack and detector: AUROC of the scores (colour: '
+        "0.5 red, 1.0 green), then TPR and FPR of the detector's own flags; detections.csv holds every figure</p>"
+    )
+    return f"{caption}<table><tr><th>attack</th>{head}</tr>{''.join(body)}</table>"
 
 
 def _group_html(group: Group, index: int) -> str:
@@ -358,6 +393,8 @@ def _group_html(group: Group, index: int) -> str:
     if group.entries:
         parts.append(_matrix(group, index))
         parts.append("<h3>All cells</h3>" + _rows_table(group.entries))
+    if any(row.get("status") == "done" for row in group.detections):
+        parts.append(_detection_table(group.detections))
     if group.galleries:
         parts.append('<h3>Trigger galleries</h3><div class="galleries">')
         for attack, folder in group.galleries.items():

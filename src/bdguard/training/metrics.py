@@ -66,3 +66,36 @@ class Evaluator:
 
     def __call__(self, model: torch.nn.Module) -> dict[str, float | None]:
         return evaluate(model, self.clean, self.triggered, self.batch_size, self.amp)
+
+
+def _share(part: torch.Tensor, whole: torch.Tensor) -> float | None:
+    total = int(whole.sum())
+    return int((part & whole).sum()) / total if total else None
+
+
+def detection_metrics(
+    scores: torch.Tensor, flagged: torch.Tensor, poison: torch.Tensor, cross: torch.Tensor | None = None
+) -> dict[str, float | int | None]:
+    """How a poisoned-sample detector did against the ground truth `poison` (bool (N,)): |flagged|, |kept|, TPR =
+    |flagged & poison| / |poison|, FPR on the clean samples, precision, the residual poison rate of what is kept,
+    and AUROC/AUPRC of the continuous `scores` (higher = more suspicious; never of the hard flags). Cross samples
+    (WaNet's noise, IAD's cross mode: trigger-like, label kept) count as clean and are also reported on their own.
+    The threshold-free figures are None when the set holds only one kind."""
+    # imported here: scikit-learn is slow to import and only detectors report
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    flagged, poison = flagged.detach().bool().cpu(), poison.detach().bool().cpu()
+    cross = torch.zeros_like(poison) if cross is None else cross.detach().bool().cpu()
+    truth, values = poison.numpy(), scores.detach().float().cpu().numpy()
+    both_kinds = 0 < truth.sum() < truth.size
+    return {
+        "suspicious": int(flagged.sum()),
+        "credible": int((~flagged).sum()),
+        "tpr": _share(flagged, poison),
+        "fpr": _share(flagged, ~poison),
+        "precision": _share(poison, flagged),
+        "residual": _share(poison, ~flagged),
+        "auroc": float(roc_auc_score(truth, values)) if both_kinds else None,
+        "auprc": float(average_precision_score(truth, values)) if both_kinds else None,
+        "cross_in_suspicious": _share(flagged, cross),
+    }

@@ -36,6 +36,8 @@ class Trainer:
     device: torch.device
     augment: Augment | None
     steps: int  # iterations per epoch, for the schedule
+    # (logits, labels) -> the batch's loss; None: cross-entropy with the config's label smoothing
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     runtime: Runtime = field(init=False)
     optimizer: torch.optim.Optimizer = field(init=False)
     scheduler: Any = field(init=False)
@@ -63,7 +65,10 @@ class Trainer:
                 y = data.labels[idx]
                 with self.runtime.autocast():
                     logits = self.model(x)
-                    loss = F.cross_entropy(logits, y, label_smoothing=self.config.label_smoothing)
+                    if self.loss is None:
+                        loss = F.cross_entropy(logits, y, label_smoothing=self.config.label_smoothing)
+                    else:
+                        loss = self.loss(logits, y)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()

@@ -24,7 +24,7 @@ from torch import nn
 
 from bdguard.config import check_range, to_dict
 from bdguard.data.augment import to_float
-from bdguard.defenses.base import PostTrainingDefense, RepairJob
+from bdguard.defenses.base import DefenseResult, Figure, PostTrainingDefense, RepairJob
 from bdguard.defenses.pruning.report import plot_curve
 from bdguard.defenses.registry import DEFENSES
 from bdguard.io import write_json, write_jsonl
@@ -33,6 +33,8 @@ from bdguard.progress import log
 from bdguard.training.metrics import accuracy, predict
 
 # thresholds u of the curve, from pruning nothing (usually) towards pruning much
+CURVE_CAPTION = "CLP: BA, ASR and RA (test minus probe) and the probe figures against the pruned fraction, u falling"
+UCLC_CAPTION = "CLP: each channel's upper bound of the channel Lipschitz constant, layer by layer; pruned in red"
 CURVE_U = (10.0, 8.0, 6.0, 5.0, 4.0, 3.5, 3.0, 2.5, 2.0, 1.5, 1.0, 0.5, 0.0)
 
 
@@ -110,7 +112,7 @@ class ChannelLipschitzPruning(PostTrainingDefense):
     )
     Params = ClpParams
 
-    def repair(self, job: RepairJob) -> tuple[BackdoorModel, dict[str, Any]]:
+    def repair(self, job: RepairJob) -> DefenseResult:
         began = time.perf_counter()
         model, u = job.model, self.params.u
         pairs = conv_bn_pairs(model, to_float(job.probe.images[:1]))
@@ -172,7 +174,8 @@ class ChannelLipschitzPruning(PostTrainingDefense):
                 job.run_dir / "curve.png", curve, summary["pruned_fraction"], f"clp: u from {max(CURVE_U):g} down"
             )
             plot_uclc(job.run_dir / "norms.png", layers)
-        return model, summary
+        figures = (Figure("curve.png", CURVE_CAPTION), Figure("norms.png", UCLC_CAPTION)) if job.run_dir else ()
+        return DefenseResult(model, pruned_fraction=summary["pruned_fraction"], figures=figures, details=summary)
 
 
 def plot_uclc(path: Path, layers: list[dict[str, Any]]) -> None:

@@ -17,10 +17,10 @@ import torch
 from bdguard.analysis.activation_norms import activation_stats, clean_summary, pooled_features, shift_summary
 from bdguard.config import to_dict
 from bdguard.data.base import ImageSet
-from bdguard.defenses.base import PostTrainingDefense, RepairJob
+from bdguard.defenses.base import DefenseResult, Figure, PostTrainingDefense, RepairJob
 from bdguard.defenses.common import fine_tune, trigger_success
 from bdguard.defenses.pruning.params import PruneParams
-from bdguard.defenses.pruning.report import channel_rows, curve_summary, write_report
+from bdguard.defenses.pruning.report import PRUNING_FIGURES, channel_rows, curve_summary, write_report
 from bdguard.defenses.pruning.triggers import scoring_trigger
 from bdguard.errors import BdguardError
 from bdguard.io import json_safe
@@ -150,7 +150,7 @@ class ChannelPruning(PostTrainingDefense):
     def order_name(self, triggered: bool) -> str:
         """How the channels are ordered, in words, for pruning.json."""
 
-    def repair(self, job: RepairJob) -> tuple[BackdoorModel, dict[str, Any]]:
+    def repair(self, job: RepairJob) -> DefenseResult:
         params: PruneParams = self.params
         model, batch, began = job.model, job.train.eval_batch_size, time.perf_counter()
         channels = model.feature_channels
@@ -200,10 +200,13 @@ class ChannelPruning(PostTrainingDefense):
         if params.finetune_epochs:
             summary["finetune"] = fine_tune(job, params.finetune_epochs, params.finetune_lr, params.seed)
         summary["repair_seconds"] = round(time.perf_counter() - began, 2)
+        figures: tuple[Figure, ...] = ()
         if job.run_dir is not None:
             table = channel_rows(summaries, score, order, k)
             write_report(job.run_dir, {**summary, "params": to_dict(params)}, table, curve, summaries)
-        return model, json_safe(summary)
+            figures = PRUNING_FIGURES
+        verdict = (trigger.report.get("neural_cleanse") or {}).get("backdoored")
+        return DefenseResult(model, None, k / channels, verdict, figures, json_safe(summary))
 
 
 def _show(value: float | None) -> str:

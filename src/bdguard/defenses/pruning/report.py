@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bdguard.defenses.base import Figure
 from bdguard.io import write_json, write_jsonl
 
 STAT_NAMES = {"1": "l1", "2": "l2", "inf": "linf", "avg": "avg"}  # column prefixes in pruning.json
@@ -56,6 +57,12 @@ def curve_summary(curve: list[dict[str, Any]]) -> dict[str, float]:
     pairs = zip(curve, curve[1:], strict=False)
     summary["asr_area"] = sum((b["fraction"] - a["fraction"]) * (a["asr"] + b["asr"]) / 2 for a, b in pairs)
     return summary
+
+
+PRUNING_FIGURES = (
+    Figure("curve.png", "pruning: BA, ASR and RA (test minus probe) and the probe figures against the pruned fraction"),
+    Figure("norms.png", "per-channel activation norms, clean vs triggered"),
+)
 
 
 def write_report(

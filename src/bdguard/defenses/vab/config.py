@@ -65,8 +65,9 @@ PRESETS: dict[str, Preset] = {
 
 
 @dataclass
-class VabParams:
-    preset: str | None = None  # a name in PRESETS; explicitly given settings override the preset's
+class VictimParams:
+    """The Victim and its entropy split: what the defense and the `vab` detector share."""
+
     victim_model: str | None = "same"  # None or "same": the Beneficiary's architecture (train.model)
     victim_lr: float = 1e-3  # Adam, constant
     victim_weight_decay: float = 5e-4  # coupled L2, as torch.optim.Adam does it
@@ -75,6 +76,29 @@ class VabParams:
     warm_up: int = 3  # one Victim epoch on all data, then warm_up - 1 filtered rounds before the Beneficiary starts
     tau_warm: tuple[float, ...] = (0.6, 0.2)  # threshold of warm-up scoring rounds 1, 2, ... (the last one repeats)
     tau: float = 0.2  # threshold of every later scoring round, on min-max-normalised entropy
+
+    def __post_init__(self) -> None:
+        if self.victim_model not in (None, "same"):
+            MODELS.get(self.victim_model)
+        check_range("vab.victim_lr", self.victim_lr, 0.0)
+        check_range("vab.victim_weight_decay", self.victim_weight_decay, 0.0)
+        check_range("vab.victim_batch_size", self.victim_batch_size, 1)
+        if not 0.0 < self.ema <= 1.0:
+            raise BdguardError(f"vab.ema must be in (0, 1], got {self.ema}")
+        check_range("vab.warm_up", self.warm_up, 1)
+        if not self.tau_warm:
+            raise BdguardError("vab.tau_warm needs at least one threshold")
+        for i, value in enumerate(self.tau_warm):
+            check_range(f"vab.tau_warm[{i}]", value, 0.0, 1.0)
+        check_range("vab.tau", self.tau, 0.0, 1.0)
+
+    def victim_architecture(self, beneficiary: str) -> str:
+        return beneficiary if self.victim_model in (None, "same") else self.victim_model
+
+
+@dataclass
+class VabParams(VictimParams):
+    preset: str | None = None  # a name in PRESETS; explicitly given settings override the preset's
     reference_epochs: int | None = None  # victim_every* count epochs of a run this long; None: of this run
     victim_every: int = 2  # stage A: Victim update every this many epochs (of a reference_epochs run)
     victim_every_b: int = 2  # stage B: likewise
@@ -98,21 +122,9 @@ class VabParams:
     evaluate_victim: Literal["every", "key"] = "key"  # the Victim's BA/ASR after every epoch, or the last only
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.preset is not None and self.preset not in PRESETS:
             raise BdguardError(f"vab.preset must be one of {', '.join(PRESETS)}; got {self.preset!r}")
-        if self.victim_model not in (None, "same"):
-            MODELS.get(self.victim_model)
-        check_range("vab.victim_lr", self.victim_lr, 0.0)
-        check_range("vab.victim_weight_decay", self.victim_weight_decay, 0.0)
-        check_range("vab.victim_batch_size", self.victim_batch_size, 1)
-        if not 0.0 < self.ema <= 1.0:
-            raise BdguardError(f"vab.ema must be in (0, 1], got {self.ema}")
-        check_range("vab.warm_up", self.warm_up, 1)
-        if not self.tau_warm:
-            raise BdguardError("vab.tau_warm needs at least one threshold")
-        for i, value in enumerate(self.tau_warm):
-            check_range(f"vab.tau_warm[{i}]", value, 0.0, 1.0)
-        check_range("vab.tau", self.tau, 0.0, 1.0)
         if self.reference_epochs is not None:
             check_range("vab.reference_epochs", self.reference_epochs, 1)
         check_range("vab.victim_every", self.victim_every, 1)
@@ -141,6 +153,3 @@ class VabParams:
             raise BdguardError(f"vab.preset must be one of {', '.join(PRESETS)}; got {preset!r}")
         base = PRESETS[preset].params if preset is not None else {}
         return from_dict(cls, merge(base, settings), prefix="vab.")
-
-    def victim_architecture(self, beneficiary: str) -> str:
-        return beneficiary if self.victim_model in (None, "same") else self.victim_model

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from bdguard.config import to_dict
-from bdguard.defenses.base import DefenseConfig, TrainingDefense, TrainingJob
+from bdguard.defenses.base import DefenseConfig, DefenseResult, Figure, TrainingDefense, TrainingJob, detector_summary
 from bdguard.defenses.registry import DEFENSES
 from bdguard.defenses.vab.beneficiary import (
     Beneficiary,
@@ -29,7 +29,7 @@ from bdguard.defenses.vab.beneficiary import (
     stage_a_epoch,
     stage_b_epoch,
 )
-from bdguard.defenses.vab.config import PRESETS, VabParams
+from bdguard.defenses.vab.config import PRESETS, VabParams, VictimParams
 from bdguard.defenses.vab.report import detector_metrics, plot_entropy_hist, stage_b_diagnostics, write_suspicious_csv
 from bdguard.defenses.vab.schedule import make_schedule, threshold
 from bdguard.defenses.vab.victim import EntropyDetector, entropy_scores, split, victim_epoch, victim_logits
@@ -41,7 +41,8 @@ from bdguard.training.runtime import Checkpoint, Runtime, check_finite, epoch_ge
 from bdguard.training.schedule import lr_factor, make_optimizer
 from bdguard.training.trainer import make_augment
 
-DETECTOR_KEYS = ("tpr", "fpr", "precision", "residual", "auroc", "auprc", "suspicious", "credible")
+SPLIT_KEYS = ("suspicious", "credible", "residual")  # beyond the contract's detector summary
+ENTROPY_CAPTION = "V&B: normalised prediction entropy of clean and poisoned training samples at key rounds"
 
 
 @DEFENSES.register("vab")
@@ -58,11 +59,11 @@ class VabDefense(TrainingDefense):
         self.config = config
         self.params = VabParams.from_settings(config.params)
 
-    def train(self, job: TrainingJob) -> tuple[torch.nn.Module, dict[str, Any]]:
+    def train(self, job: TrainingJob) -> DefenseResult:
         return _VabRun(job, self.params).run()
 
 
-def victim_train_config(train: TrainConfig, params: VabParams) -> TrainConfig:
+def victim_train_config(train: TrainConfig, params: VictimParams) -> TrainConfig:
     """How the Victim is built and trained, recorded in its model file (seed + 1: never the Beneficiary's init)."""
     architecture = params.victim_architecture(train.model)
     return dataclasses.replace(
@@ -135,7 +136,7 @@ class _VabRun:
         rounds[first + len(updates)] = "final"
         return rounds
 
-    def run(self) -> tuple[torch.nn.Module, dict[str, Any]]:
+    def run(self) -> DefenseResult:
         name = self.params.preset
         if name is not None and PRESETS[name].epochs != self.schedule.epochs:
             log(f"V&B: preset {name} was made for {PRESETS[name].epochs} epochs ({PRESETS[name].note}); rescaling")
@@ -150,7 +151,7 @@ class _VabRun:
         for epoch in range(self.epoch + 1, self.schedule.epochs + 1):
             self._epoch(epoch)
             self._save()
-        return self.beneficiary.model, self._finish()
+        return self._finish()
 
     # -- the Victim --------------------------------------------------------------------------------------------
 
@@ -317,21 +318,21 @@ class _VabRun:
         self.snapshots = dict(state["snapshots"])
         self.seconds = dict(state["seconds"])
 
-    def _finish(self) -> dict[str, Any]:
+    def _finish(self) -> DefenseResult:
         returned = self._refine()  # the split the final Beneficiary would train on next
         run_dir = self.job.run_dir
         if run_dir is not None:
             self._write_outputs(run_dir)
         last = self.history[-1]
         schedule = self.schedule
+        # the split the Beneficiary trained on last; `flagged_by_victim` is the Victim's entropy rule alone
         split_now = detector_metrics(self.detector.normalised(), self.suspicious, self.job.poisoned)
-        return {
+        details = {
             "victim": {"ba": last["victim_ba"], "asr": last["victim_asr"]},
-            # the split the Beneficiary trained on last; `flagged` is the Victim's entropy rule alone
-            "detector": {
+            "split": {
                 "rounds": len(self.rounds),
-                **{key: split_now[key] for key in DETECTOR_KEYS},
-                "flagged": int(self.flagged.sum()),
+                **{key: split_now[key] for key in SPLIT_KEYS},
+                "flagged_by_victim": int(self.flagged.sum()),
                 "returned": returned,
             },
             "seconds_by_stage": {key: round(value, 2) for key, value in self.seconds.items()},
@@ -342,6 +343,8 @@ class _VabRun:
                 "alpha_switch": schedule.alpha_switch,
             },
         }
+        figures = (Figure("entropy_hist.png", ENTROPY_CAPTION),) if run_dir is not None else ()
+        return DefenseResult(self.beneficiary.model, detector_summary(split_now), figures=figures, details=details)
 
     def _write_outputs(self, run_dir: Path) -> None:
         extra = {"role": "V&B Victim: backdoored on purpose, never deploy", "train": to_dict(self.victim_config)}

@@ -14,38 +14,14 @@ import torch
 
 from bdguard.attacks.base import PoisonedSet
 from bdguard.io import write_text
+from bdguard.training.metrics import detection_metrics
 
 HIST_BINS = 40
 
 
-def _share(part: np.ndarray, whole: np.ndarray) -> float | None:
-    total = int(whole.sum())
-    return int((part & whole).sum()) / total if total else None
-
-
 def detector_metrics(normalised: torch.Tensor, suspicious: torch.Tensor, poisoned: PoisonedSet) -> dict[str, Any]:
-    """|S|, |C|, TPR = |S & P| / |P|, FPR = |S & clean| / |clean|, precision of S, residual poison rate in C,
-    AUROC and AUPRC of the threshold-free score -e (low entropy = suspicious); cross samples (WaNet noise, IAD
-    cross) count as clean and are also reported as their own group."""
-    # imported here: scikit-learn is slow to import and only a running defense reports
-    from sklearn.metrics import average_precision_score, roc_auc_score
-
-    score = -normalised.detach().float().cpu().numpy()
-    flagged = suspicious.cpu().numpy()
-    poison = poisoned.poison_mask.cpu().numpy()
-    cross = poisoned.cross_mask.cpu().numpy()
-    both_kinds = 0 < poison.sum() < poison.size
-    return {
-        "suspicious": int(flagged.sum()),
-        "credible": int((~flagged).sum()),
-        "tpr": _share(flagged, poison),
-        "fpr": _share(flagged, ~poison),
-        "precision": _share(poison, flagged),
-        "residual": _share(poison, ~flagged),
-        "auroc": float(roc_auc_score(poison, score)) if both_kinds else None,
-        "auprc": float(average_precision_score(poison, score)) if both_kinds else None,
-        "cross_in_suspicious": _share(flagged, cross),
-    }
+    """`detection_metrics` of the split `suspicious`, with the threshold-free score -e (low entropy = suspicious)."""
+    return detection_metrics(-normalised, suspicious, poisoned.poison_mask, poisoned.cross_mask)
 
 
 def stage_b_diagnostics(weight: torch.Tensor, pseudo: torch.Tensor, poisoned: PoisonedSet) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from bdguard.defenses.vab.config import VabParams
+from bdguard.defenses.vab.config import VabParams, VictimParams
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def make_schedule(epochs: int, params: VabParams) -> VabSchedule:
     )
 
 
-def threshold(scoring_round: int, params: VabParams) -> float:
+def threshold(scoring_round: int, params: VictimParams) -> float:
     """tau of scoring round 1, 2, ...: tau_warm during the warm-up rounds (its last value repeating), then tau."""
     if scoring_round < params.warm_up:
         return params.tau_warm[min(scoring_round, len(params.tau_warm)) - 1]

@@ -28,10 +28,10 @@ from bdguard.defenses.pruning.report import STAT_NAMES, plot_norms
 from bdguard.errors import BdguardError
 from bdguard.io import json_safe, write_json
 from bdguard.models import BackdoorModel, load_model
-from bdguard.pipeline import check_model_data, environment, prepare_data, recorded_attack
 from bdguard.progress import log
-from bdguard.repair import ProbeConfig, take_probe
-from bdguard.training import TrainConfig, resolve_device
+from bdguard.runs.common import check_model_data, environment, prepare_data, recorded_attack, use_device
+from bdguard.runs.repair import ProbeConfig, take_probe
+from bdguard.training import TrainConfig
 
 TOP_SHARE = 0.05  # norms.json summarises each norm by its top 5% channels (by diff), as linf_pruning.md 7.5 does
 Summary = dict[str, dict[str, torch.Tensor]]  # norm ("1", "2", "inf") -> shift_summary
@@ -99,9 +99,7 @@ def run_analyze(
     if out.exists() and not out.is_dir():
         raise BdguardError(f"--out {out} exists and is not a folder")
     params = config.analysis
-    device = resolve_device(config.train.device)
-    if config.train.threads:
-        torch.set_num_threads(config.train.threads)
+    device = use_device(config.train)
     model, meta = load_model(model_path, device)
     loaded = {"backdoored": (model, meta, model_path)}
     if clean_model_path is not None:

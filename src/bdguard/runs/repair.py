@@ -24,16 +24,19 @@ from bdguard.defenses import DefenseConfig, PostTrainingDefense, RepairJob, buil
 from bdguard.errors import BdguardError
 from bdguard.io import check_writable, write_json
 from bdguard.models import load_model, save_model
-from bdguard.pipeline import (
+from bdguard.progress import log
+from bdguard.runs.common import (
+    MODEL,
+    RESULTS,
     check_before_loading,
     check_model_data,
     environment,
     prepare_data,
     recorded_attack,
     refuse_run_folder,
+    use_device,
 )
-from bdguard.progress import log
-from bdguard.training import Evaluator, TrainConfig, resolve_device
+from bdguard.training import Evaluator, TrainConfig
 
 TEST_HOLDOUT = "test-holdout"
 DEFAULT_DEFENSE = "linf-prune"
@@ -109,7 +112,7 @@ def take_probe(bundle: DataBundle, config: ProbeConfig) -> tuple[ImageSet, Image
 
 def _check_out_dir(out: Path, model_path: Path) -> None:
     refuse_run_folder(out, "prune", models_too=False)  # an earlier repair's folder may be repaired into again
-    if (out / "model.safetensors").resolve() == model_path.resolve():
+    if (out / MODEL).resolve() == model_path.resolve():
         raise BdguardError(f"--out {out} would overwrite the model being repaired; choose another folder")
 
 
@@ -123,9 +126,7 @@ def run_prune(config: PruneConfig, model_path: str | Path, out: str | Path, quie
     defense = build_defense(config.defense)
     if not isinstance(defense, PostTrainingDefense):
         raise BdguardError(f"defense {defense.name} trains a model: use `bdguard train --defense {defense.name}`")
-    device = resolve_device(config.train.device)
-    if config.train.threads:
-        torch.set_num_threads(config.train.threads)
+    device = use_device(config.train)
     model, meta = load_model(model_path, device)
     attack_config = config.attack or recorded_attack(meta)
     check_before_loading(config.data, attack_config)
@@ -157,11 +158,13 @@ def run_prune(config: PruneConfig, model_path: str | Path, out: str | Path, quie
         quiet=quiet,
         seed=config.train.seed,
     )
-    model, extra = defense.repair(job)
-    model = model.to(memory_format=torch.contiguous_format).eval()
+    result = defense.repair(job)
+    model = result.model.to(memory_format=torch.contiguous_format).eval()
     masked = (model.feature_mask == 0).nonzero().squeeze(1).tolist()
-    # a defense that prunes elsewhere than the feature map (CLP) reports its own fraction
-    pruned_fraction = extra.get("pruned_fraction", len(masked) / model.feature_channels)
+    # a defense that prunes nothing (Neural Cleanse's unlearning) reports no fraction: its mask's, 0
+    if result.pruned_fraction is None:
+        result.pruned_fraction = len(masked) / model.feature_channels
+    pruned_fraction = result.pruned_fraction
     probe_info = {"source": config.probe.source, "size": len(probe), "seed": config.probe.seed}
     repair = {
         "source_model": str(model_path),
@@ -171,7 +174,7 @@ def run_prune(config: PruneConfig, model_path: str | Path, out: str | Path, quie
         "probe": probe_info,
     }
     extra_meta = {**meta.extra, "defense": to_dict(config.defense), "trained_with": meta.extra.get("defense")}
-    save_model(model, out / "model.safetensors", dataclasses.replace(meta, extra={**extra_meta, "repair": repair}))
+    save_model(model, out / MODEL, dataclasses.replace(meta, extra={**extra_meta, "repair": repair}))
 
     results = {
         **evaluator(model),
@@ -184,13 +187,12 @@ def run_prune(config: PruneConfig, model_path: str | Path, out: str | Path, quie
         "poisoned": None,  # known to the training run, not to the defender
         "train_size": None,
         "target": attack_config.target if attack.has_trigger else None,
-        "pruned_fraction": pruned_fraction,
         "before": before,
         "probe": probe_info,
         "eval_size": len(evaluation),
         "model_path": str(model_path),
-        **extra,
+        **result.to_json(config.defense.name),
         "environment": environment(),
     }
-    write_json(out / "results.json", results)
+    write_json(out / RESULTS, results)
     return results

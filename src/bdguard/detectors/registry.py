@@ -1,0 +1,3 @@
+from bdguard.registry import Registry
+
+DETECTORS: Registry = Registry("detector")

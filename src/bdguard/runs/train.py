@@ -1,0 +1,167 @@
+"""The runs behind `bdguard train` and `bdguard evaluate`: one config object in, one results.json out."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bdguard.attacks import AttackConfig, AttackContext, TriggeredSet, build_attack
+from bdguard.config import from_dict, to_dict
+from bdguard.data import DataConfig
+from bdguard.defenses import DefenseConfig, TrainingDefense, TrainingJob, build_defense
+from bdguard.errors import BdguardError
+from bdguard.io import check_writable, run_lock, write_array, write_json
+from bdguard.models import MODELS, load_model, save_model
+from bdguard.runs.common import (
+    MODEL,
+    RESULTS,
+    check_before_loading,
+    check_model_data,
+    environment,
+    fingerprint,
+    poisoned_data,
+    prepare_data,
+    recorded_attack,
+    refuse_run_folder,
+    use_device,
+)
+from bdguard.training import TrainConfig, evaluate, resolve_device
+from bdguard.training.factory import model_meta, new_model
+from bdguard.training.runtime import CHECKPOINT, RunClock
+
+
+@dataclass
+class RunConfig:
+    """One training run: the data, the attack that poisons it, the defense that trains on it."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    defense: DefenseConfig = field(default_factory=DefenseConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        return from_dict(cls, data)
+
+
+def run_train(
+    config: RunConfig,
+    out: str | Path,
+    resume: bool = False,
+    quiet: bool = False,
+    poison_store: str | Path | None = None,
+) -> dict[str, Any]:
+    """Poison (if an attack is set), train with the chosen defense, evaluate, and write the run folder.
+    `poison_store`: a folder of stored poisoned sets (`attacks/store.py`) to read the poisoned set from, or to
+    add it to; runs on the same set then poison once."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BdguardError(f"--out {out} exists and is not a folder")
+    defense = build_defense(config.defense)
+    if not isinstance(defense, TrainingDefense):
+        raise BdguardError(f"defense {defense.name} acts on a trained model: use `bdguard prune`, not `train`")
+    # unknown names fail before the data set loads
+    check_before_loading(config.data, config.attack)
+    MODELS.get(config.train.model)
+    check_writable(out)  # before minutes of decoding and training, not after
+    with run_lock(out):
+        if not resume and (out / CHECKPOINT).exists():
+            raise BdguardError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+        return _train(config, defense, out, resume, quiet, poison_store)
+
+
+def _train(
+    config: RunConfig,
+    defense: TrainingDefense,
+    out: Path,
+    resume: bool,
+    quiet: bool,
+    poison_store: str | Path | None,
+) -> dict[str, Any]:
+    device = use_device(config.train)
+    clock = RunClock()
+    bundle, attack, poisoned, triggered = poisoned_data(config.data, config.attack, device, quiet, poison_store)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", {"config": to_dict(config), "environment": environment()})
+    write_json(out / "attack.json", poisoned.manifest)
+    write_array(out / "poison_mask.npy", poisoned.poison_mask)
+
+    def evaluate_model(model: torch.nn.Module) -> dict[str, Any]:
+        return evaluate(model, bundle.test, triggered, config.train.eval_batch_size, config.train.amp)
+
+    job = TrainingJob(
+        bundle=bundle,
+        poisoned=poisoned,
+        triggered=triggered,
+        train=config.train,
+        device=device,
+        new_model=lambda: new_model(bundle, config.train, device),
+        evaluate=evaluate_model,
+        run_dir=out,
+        fingerprint=fingerprint(config),
+        resume=resume,
+        quiet=quiet,
+        clock=clock,
+    )
+    result = defense.train(job)
+    model = result.model
+    extra_meta = {"attack": to_dict(config.attack), "defense": to_dict(config.defense), "train": to_dict(config.train)}
+    meta = model_meta(bundle, config.train, extra_meta)
+    save_model(model.to(memory_format=torch.contiguous_format), out / MODEL, meta)
+    results = {
+        **evaluate_model(model),
+        "dataset": bundle.name,
+        "attack": config.attack.name,
+        "defense": config.defense.name,
+        "model": config.train.model,
+        "epochs": config.train.epochs,
+        "seconds": round(clock.elapsed(), 2),  # summed over resumed invocations
+        "poisoned": poisoned.manifest["poisoned"],
+        "train_size": len(poisoned.train),
+        "target": config.attack.target if attack.has_trigger else None,
+        **result.to_json(config.defense.name),
+        "environment": environment(),
+    }
+    write_json(out / RESULTS, results)
+    return results
+
+
+def run_evaluate(
+    model_path: str | Path,
+    data: DataConfig,
+    attack: AttackConfig | None,
+    out: str | Path | None,
+    device: str = "auto",
+    batch_size: int = 512,
+) -> dict[str, Any]:
+    """BA/ASR/RA of a saved model; the attack defaults to the one recorded in the model file."""
+    if out is not None:
+        refuse_run_folder(Path(out), "evaluate")
+        check_writable(out)
+    torch_device = resolve_device(device)
+    model, meta = load_model(model_path, torch_device)
+    attack = attack or recorded_attack(meta)
+    began = time.perf_counter()
+    bundle = prepare_data(data, torch_device)
+    check_model_data(meta, bundle, model_path)
+    attack_obj = build_attack(attack, bundle.num_classes, bundle.image_shape)
+    attack_obj.prepare(bundle, AttackContext(torch_device, data.cache_path()))
+    triggered: TriggeredSet | None = attack_obj.test_set(bundle.test) if attack_obj.has_trigger else None
+    results = {
+        **evaluate(model, bundle.test, triggered, batch_size),
+        "dataset": bundle.name,
+        "attack": attack.name,
+        "defense": (meta.extra.get("defense") or {}).get("name", "unknown"),
+        "model": meta.architecture,
+        "epochs": (meta.extra.get("train") or {}).get("epochs"),
+        "seconds": round(time.perf_counter() - began, 2),
+        "model_path": str(model_path),
+        "environment": environment(),
+    }
+    if out is not None:
+        write_json(Path(out) / RESULTS, results)
+    return results
