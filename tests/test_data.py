@@ -20,7 +20,7 @@ from bdguard.data.sources import cifar10, fashion_mnist
 from bdguard.data.sources.imagefolder import ImageFolderSource
 from bdguard.errors import BdguardError
 
-REAL_CIFAR = Path(__file__).parents[2] / "shared/data/cifar10-jpeg.tar.xz"
+REAL_CIFAR = Path(os.environ.get("BDGUARD_DATA", "data")) / "cifar10-jpeg.tar.xz"
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 

@@ -12,6 +12,7 @@ import math
 import types
 import typing
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
@@ -31,6 +32,11 @@ _FALSE = {"0", "false", "no", "off"}
 _NONE = {"none", "null", ""}
 INT_LIMIT = 2**63  # what a torch int64 holds: a larger count is a typo, and torch would fail on it deep inside
 MAX_DEPTH = 32  # tables nested deeper than this in a config file are refused before anything walks them
+
+
+@dataclass
+class NoParams:
+    """The settings of an attack, defense or detector that has none."""
 
 
 def _is_optional(tp: Any) -> tuple[bool, Any]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from difflib import get_close_matches
 from typing import Generic, TypeVar
 
@@ -18,14 +18,19 @@ class Registry(Generic[T]):
         self.kind = kind
         self._items: dict[str, T] = {}
 
-    def register(self, name: str) -> Callable[[T], T]:
-        def add(obj: T) -> T:
-            if name in self._items:
-                raise ValueError(f"{self.kind} {name!r} is registered twice")
-            self._items[name] = obj
-            return obj
+    def register(self, item):
+        """`@REGISTRY.register` on a class registers it under its `name` attribute (attacks, defenses, detectors,
+        data sets: the name is written once, on the class); `REGISTRY.register("name")` returns a decorator that
+        registers any object under that name (model builders, which are functions too)."""
+        if isinstance(item, str):
+            return lambda obj: self._add(item, obj)
+        return self._add(item.name, item)
 
-        return add
+    def _add(self, name: str, obj: T) -> T:
+        if name in self._items:
+            raise ValueError(f"{self.kind} {name!r} is registered twice")
+        self._items[name] = obj
+        return obj
 
     def get(self, name: str) -> T:
         try:

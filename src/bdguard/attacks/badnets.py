@@ -86,7 +86,7 @@ def pattern_patch(pattern: str, size: int, channels: int, seed: int, what: str =
     return torch.full((channels, size, size), value, dtype=torch.uint8)
 
 
-@ATTACKS.register("badnets")
+@ATTACKS.register
 class BadNets(Attack):
     name = "badnets"
     Params = BadNetsParams

@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from bdguard.config import check_range, from_dict, merge
+from bdguard.config import NoParams, check_range, from_dict, merge
 from bdguard.data.base import DataBundle, ImageSet
 from bdguard.errors import BdguardError
 
@@ -29,11 +29,6 @@ class AttackConfig:
     def __post_init__(self) -> None:
         check_range("attack rate", self.rate, 0.0, 1.0)
         check_range("attack target", self.target, 0)
-
-
-@dataclass
-class NoParams:
-    pass
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ class BlendedParams:
         check_range("blended.alpha", self.alpha, 0.0, 1.0)
 
 
-@ATTACKS.register("blended")
+@ATTACKS.register
 class Blended(Attack):
     name = "blended"
     Params = BlendedParams

@@ -302,7 +302,7 @@ def _state(generator: IADGenerator) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
 
 
-@ATTACKS.register("iad")
+@ATTACKS.register
 class IAD(Attack):
     name = "iad"
     Params = IADParams

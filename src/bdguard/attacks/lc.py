@@ -168,7 +168,7 @@ def corner_trigger(
     return pattern, mask
 
 
-@ATTACKS.register("lc")
+@ATTACKS.register
 class LabelConsistent(Attack):
     name = "lc"
     Params = LCParams

@@ -9,7 +9,7 @@ from bdguard.attacks.registry import ATTACKS
 from bdguard.data.base import ImageSet
 
 
-@ATTACKS.register("none")
+@ATTACKS.register
 class NoAttack(Attack):
     name = "none"
     has_trigger = False

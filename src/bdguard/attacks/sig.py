@@ -48,7 +48,7 @@ def sine_signal(width: int, delta: float, frequency: float) -> np.ndarray:
     return delta * np.sin(2 * np.pi * j * frequency / width)
 
 
-@ATTACKS.register("sig")
+@ATTACKS.register
 class Sig(Attack):
     name = "sig"
     Params = SigParams

@@ -123,7 +123,7 @@ def _digest(*parts: Any) -> str:
     return h.hexdigest()[:16]
 
 
-@ATTACKS.register("trojan")
+@ATTACKS.register
 class Trojan(Attack):
     name = "trojan"
     Params = TrojanParams

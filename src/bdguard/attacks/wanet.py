@@ -108,7 +108,7 @@ def warp(images: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
     return truncate_to_uint8(out)
 
 
-@ATTACKS.register("wanet")
+@ATTACKS.register
 class WaNet(Attack):
     name = "wanet"
     Params = WaNetParams

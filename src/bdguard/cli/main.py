@@ -14,44 +14,16 @@ from bdguard.cli.analyze import add_analyze_parser
 from bdguard.cli.bench import add_bench_parser
 from bdguard.cli.demo import run_demo
 from bdguard.cli.detect import add_detect_parser
-from bdguard.cli.options import ATTACK_FLAGS, DATA_FLAGS, TRAIN_FLAGS, add_config_flags, add_flags, run_config
 from bdguard.cli.poison import add_poison_parser
 from bdguard.cli.prune import add_prune_parser
 from bdguard.cli.report import add_report_parser
+from bdguard.cli.train import add_train_parsers
 from bdguard.errors import BdguardError
 
 
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, not usage + error
         raise BdguardError(message)
-
-
-def _train(args: argparse.Namespace) -> int:
-    from bdguard.runs.train import run_train
-
-    results = run_train(run_config(args, primary="attack"), args.out, resume=args.resume, quiet=args.quiet)
-    _print_results(results, Path(args.out))
-    return 0
-
-
-def _evaluate(args: argparse.Namespace) -> int:
-    from bdguard.runs.train import run_evaluate
-
-    config = run_config(args, primary="attack")
-    attack_given = args.config or args.set or any(vars(args)[key] is not None for _, key, _ in ATTACK_FLAGS)
-    attack = config.attack if attack_given else None
-    device = config.train.device
-    results = run_evaluate(args.model, config.data, attack, args.out, device, config.train.eval_batch_size)
-    _print_results(results, Path(args.out) if args.out else None)
-    return 0
-
-
-def _print_results(results: dict, out: Path | None) -> None:
-    parts = [f"BA {results['ba']:.2%}"]
-    if results.get("asr") is not None:
-        parts += [f"ASR {results['asr']:.2%}", f"RA {results['ra']:.2%}"]
-    where = f"  ({out / 'results.json'})" if out else ""
-    print("  ".join(parts) + where)
 
 
 def build_parser() -> Parser:
@@ -66,21 +38,7 @@ def build_parser() -> Parser:
     add_prune_parser(sub)
     add_report_parser(sub)
 
-    train = sub.add_parser("train", help="train a model on a (poisoned) data set, with or without a defense")
-    add_flags(train, DATA_FLAGS + ATTACK_FLAGS + TRAIN_FLAGS)
-    add_config_flags(train, "an attack option (e.g. patch_size=4), or a full path such as train.momentum=0.8")
-    train.add_argument("--out", required=True, help="run folder")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    train.add_argument("--quiet", action="store_true", help="no progress bars, only plain log lines")
-    train.set_defaults(handler=_train)
-
-    evaluate = sub.add_parser("evaluate", help="BA, ASR and RA of a saved model")
-    evaluate.add_argument("--model", required=True, help="a model.safetensors written by bdguard")
-    add_flags(evaluate, DATA_FLAGS + ATTACK_FLAGS)
-    add_config_flags(evaluate, "an attack option; the attack defaults to the one recorded in the model file")
-    evaluate.add_argument("--device", dest="train.device", default=None, help="auto, cpu, cuda, cuda:N or mps")
-    evaluate.add_argument("--out", help="folder for results.json")
-    evaluate.set_defaults(handler=_evaluate)
+    add_train_parsers(sub)
 
     for name, func, text in (
         ("datasets", listing.list_datasets, "list data sets and where they are available offline"),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +12,8 @@ from bdguard.data.base import DataBundle, ImageSet, channel_stats
 from bdguard.data.config import DataConfig
 from bdguard.data.sources import DATASETS, DatasetSource, RawSplits
 from bdguard.errors import BdguardError
+from bdguard.progress import log
 
-log = logging.getLogger(__name__)
 ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
 
 
@@ -48,7 +47,7 @@ def load_dataset(config: DataConfig) -> DataBundle:
             raw, stats = hit
             extra["from_cache"] = True
         else:
-            log.info("decoding %s once (it will be cached in %s)", source.bundle_name, entry)
+            log(f"decoding {source.bundle_name} once (it will be cached in {entry})")
             raw, stats = _decode(source)
             info = {"classes": list(raw.classes), "source": raw.source, "mean": stats[0], "std": stats[1]}
             cache.save_entry(entry, identity, {key: getattr(raw, key) for key in ARRAYS}, info)

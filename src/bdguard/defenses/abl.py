@@ -222,7 +222,7 @@ def make_schedule(epochs: int, params: AblParams) -> AblSchedule:
     return AblSchedule(isolation, training, unlearning)
 
 
-@DEFENSES.register("abl")
+@DEFENSES.register
 class AblDefense(TrainingDefense):
     name = "abl"
     description = (

@@ -223,7 +223,7 @@ def prune_neurons(layers: list[tuple[str, nn.BatchNorm2d]], original: list[torch
             bn.weight.copy_(torch.where(pruned, 0.0, weight))
 
 
-@DEFENSES.register("anp")
+@DEFENSES.register
 class AdversarialNeuronPruning(PostTrainingDefense):
     name = "anp"
     description = (

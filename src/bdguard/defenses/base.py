@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from bdguard.attacks.base import PoisonedSet, TriggeredSet
-from bdguard.config import from_dict
+from bdguard.config import NoParams, from_dict
 from bdguard.data.base import DataBundle, ImageSet
 from bdguard.models.base import BackdoorModel
 from bdguard.training.config import TrainConfig
@@ -72,11 +72,6 @@ def detector_summary(metrics: dict[str, Any]) -> dict[str, Any]:
 class DefenseConfig:
     name: str = "none"
     params: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class NoParams:
-    pass
 
 
 @dataclass

@@ -417,7 +417,7 @@ def unlearning_set(probe: ImageSet, trigger: ReversedTrigger, fraction: float, s
     return ImageSet(images, probe.labels)
 
 
-@DEFENSES.register("neural-cleanse")
+@DEFENSES.register
 class NeuralCleanse(PostTrainingDefense):
     name = "neural-cleanse"
     description = "reverse-engineer a minimal trigger per label, flag the MAD outlier, unlearn its trigger"

@@ -8,7 +8,7 @@ from bdguard.training.runtime import steps_per_epoch
 from bdguard.training.trainer import Trainer, fit, make_augment
 
 
-@DEFENSES.register("none")
+@DEFENSES.register
 class NoDefense(TrainingDefense):
     name = "none"
     description = "plain training on the (possibly poisoned) training set"

@@ -20,7 +20,7 @@ class AblDetectorParams(IsolationParams):
     pass
 
 
-@DETECTORS.register("abl")
+@DETECTORS.register
 class AblDetector(Detector):
     name = "abl"
     description = "ABL's isolation (Li et al., NeurIPS 2021): trained with LGA, the lowest-loss samples are poison"

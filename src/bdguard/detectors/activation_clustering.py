@@ -55,7 +55,7 @@ def two_means(features: np.ndarray, dims: int, seed: int) -> tuple[np.ndarray, n
     return kmeans.labels_ == small, margin
 
 
-@DETECTORS.register("activation-clustering")
+@DETECTORS.register
 class ActivationClustering(Detector):
     name = "activation-clustering"
     description = "Activation Clustering (Chen et al., 2019): per label, ICA then 2-means; a small cluster is poison"

@@ -12,9 +12,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from bdguard.config import from_dict
+from bdguard.config import NoParams, from_dict
 from bdguard.data.base import DataBundle, ImageSet
-from bdguard.defenses.base import NoParams
 from bdguard.models.base import BackdoorModel
 from bdguard.training.config import TrainConfig
 

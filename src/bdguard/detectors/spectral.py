@@ -46,7 +46,7 @@ def flag_top(scores: torch.Tensor, share: float) -> torch.Tensor:
     return flags
 
 
-@DETECTORS.register("spectral")
+@DETECTORS.register
 class Spectral(Detector):
     name = "spectral"
     description = (

@@ -68,7 +68,7 @@ def strip_entropy(
     return torch.cat(out)
 
 
-@DETECTORS.register("strip")
+@DETECTORS.register
 class Strip(Detector):
     name = "strip"
     description = "STRIP (Gao et al., ACSAC 2019): prediction entropy under superimposed clean images"

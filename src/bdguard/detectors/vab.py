@@ -24,7 +24,7 @@ class VabDetectorParams(VictimParams):
     pass
 
 
-@DETECTORS.register("vab")
+@DETECTORS.register
 class VabDetector(Detector):
     name = "vab"
     description = "V&B's Victim (Zhu et al., ICCV 2023): trained on what it flags, low prediction entropy = poisoned"

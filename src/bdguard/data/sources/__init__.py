@@ -196,7 +196,7 @@ def search_roots(config: DataConfig) -> list[Path]:
     roots = []
     if os.environ.get("BDGUARD_DATA"):
         roots.append(Path(os.environ["BDGUARD_DATA"]).expanduser())
-    roots += [Path("data"), Path("..") / "shared" / "data", config.cache_path() / "data"]
+    roots += [Path("data"), config.cache_path() / "data"]
     return [Path(os.path.abspath(root)) for root in roots]  # abspath also folds the "..", for messages
 
 

@@ -49,7 +49,7 @@ def _candidates(folder: Path) -> list[tuple[str, Path]]:
     ]
 
 
-@DATASETS.register("cifar10")
+@DATASETS.register
 class Cifar10(FileSource[tuple[str, Path]]):
     name = "cifar10"
     num_classes = len(CLASSES)

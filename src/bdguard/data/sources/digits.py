@@ -9,7 +9,7 @@ from bdguard.data.sources import DATASETS, DatasetSource, RawSplits
 SPLIT_SEED = 0
 
 
-@DATASETS.register("digits")
+@DATASETS.register
 class Digits(DatasetSource):
     name = "digits"
     num_classes = 10

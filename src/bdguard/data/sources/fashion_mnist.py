@@ -52,7 +52,7 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     return body.reshape(shape)
 
 
-@DATASETS.register("fashion-mnist")
+@DATASETS.register
 class FashionMnist(FileSource[dict[str, Path]]):
     name = "fashion-mnist"
     num_classes = 10

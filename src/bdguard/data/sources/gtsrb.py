@@ -55,7 +55,7 @@ def _candidates(folder: Path) -> list[tuple[str, Path]]:
     return [("torchvision", folder), ("archive", folder / ARCHIVE)]
 
 
-@DATASETS.register("gtsrb")
+@DATASETS.register
 class Gtsrb(FileSource[tuple[str, Path]]):
     name = "gtsrb"
     num_classes = len(CLASSES)

@@ -87,7 +87,7 @@ def read_single_dir(folder: Path, decoder: ImageDecoder) -> tuple[list[str], Spl
     return classes, (images[train], labels[train]), (images[test], labels[test])
 
 
-@DATASETS.register("imagefolder")
+@DATASETS.register
 class ImageFolderSource(DatasetSource):
     name = "imagefolder"
     description = "imagefolder:<path>: any folder of class sub-folders (own train/ and test/, or split 80/20)"

@@ -20,7 +20,7 @@ TEST_PER_CLASS = 50
 NOISE = 40.0  # pixel std on the 0..255 scale: classes overlap per pixel, yet are far apart as images
 
 
-@DATASETS.register("synthetic")
+@DATASETS.register
 class Synthetic(DatasetSource):
     name = "synthetic"
     num_classes = NUM_CLASSES

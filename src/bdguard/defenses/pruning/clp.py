@@ -103,7 +103,7 @@ def outliers(uclc: torch.Tensor, u: float) -> torch.Tensor:
     return uclc > uclc.mean() + u * uclc.std()
 
 
-@DEFENSES.register("clp")
+@DEFENSES.register
 class ChannelLipschitzPruning(PostTrainingDefense):
     name = "clp"
     description = (

@@ -29,7 +29,7 @@ class FinePruningParams(PruneParams):
     finetune_epochs: int = 10
 
 
-@DEFENSES.register("fine-pruning")
+@DEFENSES.register
 class FinePruning(ChannelPruning):
     name = "fine-pruning"
     description = (

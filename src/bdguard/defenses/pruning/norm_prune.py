@@ -44,7 +44,7 @@ class L1PruneParams(LinfPruneParams):
     norm: Norm = "1"
 
 
-@DEFENSES.register("linf-prune")
+@DEFENSES.register
 class LinfPrune(ChannelPruning):
     name = "linf-prune"
     description = (
@@ -64,14 +64,14 @@ class LinfPrune(ChannelPruning):
         return f"{norm} {self.params.score}, descending" if triggered else f"clean {norm} mean, ascending"
 
 
-@DEFENSES.register("l2-prune")
+@DEFENSES.register
 class L2Prune(LinfPrune):
     name = "l2-prune"
     description = "linf-prune's ablation with the l2 norm of each channel's activation map"
     Params = L2PruneParams
 
 
-@DEFENSES.register("l1-prune")
+@DEFENSES.register
 class L1Prune(LinfPrune):
     name = "l1-prune"
     description = "linf-prune's ablation with the l1 norm (the mean activation of Fine-Pruning and Neural Cleanse)"

@@ -25,7 +25,7 @@ class RandomPruneParams(PruneParams):
     fraction: float | None = 0.1
 
 
-@DEFENSES.register("random-prune")
+@DEFENSES.register
 class RandomPrune(ChannelPruning):
     name = "random-prune"
     description = "sanity baseline: prune last-layer channels in a seeded random order"

@@ -45,7 +45,7 @@ SPLIT_KEYS = ("suspicious", "credible", "residual")  # beyond the contract's det
 ENTROPY_CAPTION = "V&B: normalised prediction entropy of clean and poisoned training samples at key rounds"
 
 
-@DEFENSES.register("vab")
+@DEFENSES.register
 class VabDefense(TrainingDefense):
     name = "vab"
     description = (

@@ -1,0 +1,123 @@
+"""What every run shares: the environment record, the settings hash, loading and poisoning the data, the checks
+made before anything slow, the device, and the names of the files a run folder holds."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bdguard import __version__
+from bdguard.attacks import Attack, AttackConfig, AttackContext, PoisonedSet, TriggeredSet, build_attack, check_attack
+from bdguard.attacks.store import load_poisoned, poison_key, store_poisoned
+from bdguard.config import from_dict, to_dict
+from bdguard.data import DataBundle, DataConfig, load_dataset
+from bdguard.data.loading import known_class_count
+from bdguard.errors import BdguardError
+from bdguard.models import ModelMeta
+from bdguard.progress import log
+from bdguard.training import TrainConfig, resolve_device
+from bdguard.training.runtime import CHECKPOINT
+
+MODEL = "model.safetensors"
+RESULTS = "results.json"
+
+
+def use_device(train: TrainConfig) -> torch.device:
+    """The run's device, with torch's CPU threads set as the settings ask."""
+    if train.threads:
+        torch.set_num_threads(train.threads)
+    return resolve_device(train.device)
+
+
+def environment() -> dict[str, Any]:
+    """What produced a result: versions, machine, command line."""
+    return {
+        "bdguard": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()} {platform.system()}, {torch.get_num_threads()} torch threads",
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "command": shlex.join(["bdguard", *sys.argv[1:]]),
+    }
+
+
+def fingerprint(config: Any) -> str:
+    """A hash of everything that shapes the result; the device and thread count may change on resume."""
+    data = to_dict(config)
+    for key in ("device", "threads"):
+        data["train"].pop(key)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare_data(config: DataConfig, device: torch.device) -> DataBundle:
+    bundle = load_dataset(config)
+    sizes = f"{len(bundle.train)} train / {len(bundle.test)} test images {bundle.image_shape}"
+    log(f"{bundle.name}: {sizes} from {bundle.source}")
+    return bundle.to(device)
+
+
+def check_before_loading(data: DataConfig, attack: AttackConfig) -> None:
+    """What can be refused before minutes of decoding: the attack and its options, and its target where the data
+    set's registry entry knows the class count."""
+    check_attack(attack)
+    classes = known_class_count(data)
+    if classes is not None and attack.target >= classes:
+        raise BdguardError(f"attack target {attack.target} is not a class ({data.dataset} has {classes})")
+
+
+def refuse_run_folder(out: Path, command: str, models_too: bool = True) -> None:
+    """A run's folder belongs to its run: another command's files there (results.json above all) would replace the
+    run's. Refuses a training run's folder, and with `models_too` any folder holding a model."""
+    if out.exists() and not out.is_dir():
+        raise BdguardError(f"--out {out} exists and is not a folder")
+    if (out / CHECKPOINT).exists() or (models_too and (out / MODEL).exists()):
+        kind = "a training run" if (out / CHECKPOINT).exists() else "a model"
+        raise BdguardError(f"{out} holds {kind}: choose another --out for {command}")
+
+
+def poisoned_data(
+    data: DataConfig,
+    attack_config: AttackConfig,
+    device: torch.device,
+    quiet: bool,
+    poison_store: str | Path | None = None,
+) -> tuple[DataBundle, Attack, PoisonedSet, TriggeredSet | None]:
+    """Load the data, prepare the attack on it, poison the training set (or read it from `poison_store`, a folder of
+    stored poisoned sets) and trigger the test set."""
+    store = None if poison_store is None else Path(poison_store)
+    bundle = prepare_data(data, device)
+    attack = build_attack(attack_config, bundle.num_classes, bundle.image_shape)
+    attack.prepare(bundle, AttackContext(device, data.cache_path(), quiet))
+    if store is None:
+        poisoned = attack.poison(bundle.train)
+    else:
+        key = poison_key(bundle.name, bundle.train, attack_config)
+        poisoned = load_poisoned(store / key, key, bundle.train)
+        if poisoned is None:
+            poisoned = attack.poison(bundle.train)
+            store_poisoned(store / key, key, poisoned)
+        else:
+            log(f"poisoned set read from {store / key}")
+    triggered = attack.test_set(bundle.test) if attack.has_trigger else None
+    return bundle, attack, poisoned, triggered
+
+
+def recorded_attack(meta: ModelMeta) -> AttackConfig:
+    """The attack a model file says it was trained under (no attack when it says nothing)."""
+    recorded = meta.extra.get("attack")
+    return from_dict(AttackConfig, recorded) if recorded else AttackConfig()
+
+
+def check_model_data(meta: ModelMeta, bundle: DataBundle, model_path: str | Path) -> None:
+    if list(bundle.image_shape) != list(meta.input_shape) or bundle.num_classes != meta.num_classes:
+        raise BdguardError(
+            f"model {model_path} expects {meta.num_classes} classes of {tuple(meta.input_shape)} images, "
+            f"but {bundle.name} has {bundle.num_classes} classes of {bundle.image_shape} images"
+        )

@@ -1,0 +1,78 @@
+"""The run behind `bdguard poison`: the poisoned set's record, without training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bdguard.config import check_range, to_dict
+from bdguard.io import check_writable, write_array, write_json
+from bdguard.runs.common import (
+    check_before_loading,
+    environment,
+    poisoned_data,
+    refuse_run_folder,
+    use_device,
+)
+from bdguard.runs.train import RunConfig
+
+GALLERY_ROWS = 6  # poisoned samples shown in gallery.png
+
+
+def run_poison(
+    config: RunConfig,
+    out: str | Path,
+    quiet: bool = False,
+    rows: int = GALLERY_ROWS,
+    poison_store: str | Path | None = None,
+) -> dict[str, Any]:
+    """Poison the training set without training and write its record to `out`: manifest.json (the attack's
+    manifest with the data set, per-class counts, the sample lists, config and environment; written last, so its
+    presence means the folder is complete), poison_mask.npy and cross_mask.npy (bool (N,) in load order) and
+    gallery.png (`rows` poisoned samples beside their clean versions). An earlier poison folder is overwritten; a
+    training run's folder is refused. `poison_store` as in `run_train`."""
+    out = Path(out)
+    refuse_run_folder(out, "poison")
+    check_range("gallery rows", rows, 1)
+    check_before_loading(config.data, config.attack)
+    check_writable(out)
+    device = use_device(config.train)
+    bundle, attack, poisoned, triggered = poisoned_data(config.data, config.attack, device, quiet, poison_store)
+    # Imported here: matplotlib is slow to import and only this command draws.
+    from bdguard.reporting.gallery import poison_gallery, write_figure
+
+    poison_mask, cross_mask = poisoned.poison_mask.cpu(), poisoned.cross_mask.cpu()
+    original, labels = poisoned.original_labels.cpu(), poisoned.train.labels.cpu()
+    poison_index = poison_mask.nonzero().squeeze(1)
+    named_target = attack.has_trigger and config.attack.mode == "all2one"
+    manifest = {
+        **poisoned.manifest,
+        "target_class": bundle.classes[config.attack.target] if named_target else None,
+        "dataset": bundle.name,
+        "dataset_source": bundle.source,
+        "image_shape": list(bundle.image_shape),
+        "classes": list(bundle.classes),
+        "poisoned_per_class": torch.bincount(original[poison_mask], minlength=bundle.num_classes).tolist(),
+        "cross_per_class": torch.bincount(original[cross_mask], minlength=bundle.num_classes).tolist(),
+        "files": {
+            "poison_mask.npy": "bool (N,) over the training set in load order: trigger inserted",
+            "cross_mask.npy": "bool (N,) over the training set in load order: noise/cross sample, label kept",
+            "gallery.png": "clean vs poisoned examples, amplified difference, triggered test images",
+        },
+        "config": {"data": to_dict(config.data), "attack": to_dict(config.attack)},
+        "environment": environment(),
+        "poisoned_indices": poison_index.tolist(),
+        "poisoned_original_labels": original[poison_index].tolist(),
+        "poisoned_labels": labels[poison_index].tolist(),
+        "cross_indices": cross_mask.nonzero().squeeze(1).tolist(),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_array(out / "poison_mask.npy", poison_mask)
+    write_array(out / "cross_mask.npy", cross_mask)
+    figure = poison_gallery(bundle.train, poisoned, triggered, bundle.classes, rows, seed=config.attack.seed)
+    write_figure(figure, out / "gallery.png")
+    # last, so a manifest.json on disk means the folder is complete
+    write_json(out / "manifest.json", manifest)
+    return manifest
