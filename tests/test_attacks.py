@@ -13,7 +13,7 @@ from bdguard.errors import BdguardError
 TRIGGERS = Path(__file__).resolve().parents[2] / "shared/data/triggers"
 HELLO_KITTY = TRIGGERS / "hello_kitty.png"
 WANET_GRID = TRIGGERS / "wanet_grid_k4_s0.5.npy"
-SIG_ROW = [0, 18, 14, 249, 236, 249, 14, 18, 0, 238, 242, 7, 20]  # vab.md 3.4, W = 32, delta 20, f 6
+SIG_ROW = [0, 18, 14, 249, 236, 249, 14, 18, 0, 238, 242, 7, 20]  # docs/methods/sig.md 3, W = 32, delta 20, f 6
 
 
 def _data(n=200, shape=(3, 32, 32), classes=10, seed=0):

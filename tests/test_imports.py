@@ -7,7 +7,7 @@ import pytest
 @pytest.mark.parametrize(
     "module",
     [
-        "bdguard.training.surrogate",
+        "bdguard.attacks.surrogate",
         "bdguard.training",
         "bdguard.attacks.iad",
         "bdguard.defenses.vab",

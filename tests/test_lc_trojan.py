@@ -2,17 +2,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import bdguard.attacks.surrogate as surrogate_module
 import bdguard.attacks.trojan as trojan_module
-import bdguard.training.surrogate as surrogate_module
 from bdguard.attacks import AttackConfig, AttackContext, build_attack
-from bdguard.attacks.badnets import REFERENCE_PATCH
+from bdguard.attacks.pixels import REFERENCE_PATCH
+from bdguard.attacks.surrogate import train_surrogate
 from bdguard.data import load_dataset
 from bdguard.data.augment import to_float
 from bdguard.data.base import DataBundle, ImageSet
 from bdguard.data.config import DataConfig
 from bdguard.errors import BdguardError
 from bdguard.models import build_model
-from bdguard.training.surrogate import train_surrogate
 
 SURROGATE = {"surrogate_model": "small-cnn", "surrogate_epochs": 1}
 EPS = 16  # lc's default eps in pixel levels
@@ -140,6 +140,26 @@ def test_lc_same_seed_same_set_and_the_surrogate_is_loaded_not_retrained(bundle,
     fresh = AttackContext(torch.device("cpu"), tmp_path, quiet=True)
     with pytest.raises(AssertionError, match="trained again"):  # the guard bites where nothing is cached
         _prepared("lc", bundle, fresh)
+
+
+def test_a_set_of_the_same_name_size_and_labels_but_other_images_gets_its_own_surrogate(bundle, context, monkeypatch):
+    """The surrogate cache is keyed by the training set's contents: one changed pixel means a new surrogate."""
+    trained = []
+    monkeypatch.setattr(surrogate_module, "fit", lambda *args, **kwargs: trained.append(1) or [])
+    images = bundle.train.images.clone()
+    images[0, 0, 0, 0] ^= 1
+    other = DataBundle(
+        bundle.name,
+        ImageSet(images, bundle.train.labels),
+        bundle.test,
+        bundle.classes,
+        bundle.mean,
+        bundle.std,
+        bundle.flip,
+        bundle.source,
+    )
+    _prepared("lc", other, context, target=1, rate=0.5, seed=3)
+    assert trained == [1]  # the original set's surrogate, cached by the test above, was not taken
 
 
 def test_lc_reduced_amplitude_four_corners_and_presets():

@@ -89,7 +89,8 @@ def test_resnet20_width_and_param_counts():
     count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     assert 250_000 <= count(make("resnet20")) <= 300_000
     assert make("resnet20", width=2).feature_channels == 128
-    # width 4: the 64-192-384-256-256 convolutions and two fully connected layers of linf_pruning.md section 6
+    # width 4: the 64-192-384-256-256 convolutions and two fully connected layers of
+    # docs/methods/linf-pruning.md section 9
     assert [m.out_channels for m in make("alexnet").modules() if isinstance(m, nn.Conv2d)] == [64, 192, 384, 256, 256]
     assert [m.out_features for m in make("alexnet").modules() if isinstance(m, nn.Linear)] == [256, 10]
     assert make("alexnet", width=2).feature_channels == 128

@@ -7,9 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from bdguard.attacks.base import TriggeredSet
 from bdguard.data import DataConfig, load_dataset
-from bdguard.data.base import DataBundle, ImageSet
+from bdguard.data.base import DataBundle, ImageSet, TriggeredSet
 from bdguard.defenses import DEFENSES, DefenseConfig, PostTrainingDefense, RepairJob, build_defense
 from bdguard.defenses.common import fine_tune
 from bdguard.defenses.pruning import clp, triggers

@@ -4,9 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bdguard.attacks.base import PoisonedSet
 from bdguard.data.augment import Augment
-from bdguard.data.base import ImageSet
+from bdguard.data.base import ImageSet, PoisonedSet
 from bdguard.defenses import DEFENSES, DefenseConfig, build_defense
 from bdguard.defenses.vab import PRESETS, VabParams, make_schedule, threshold
 from bdguard.defenses.vab.attention_mix import attention_map, attention_mix

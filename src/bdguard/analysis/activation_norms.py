@@ -1,4 +1,4 @@
-"""Per-channel activation norms of the last feature map, and how a trigger shifts them (linf_pruning.md 4).
+"""Per-channel activation norms of the last feature map, and how a trigger shifts them (docs/methods/analysis.md 2).
 
 For channel k of the feature map A (N images, K channels, H x W) and image x:
     l1 = sum_ij |A_k[i,j]|,  l2 = sqrt(sum_ij A_k[i,j]^2),  linf = max_ij |A_k[i,j]|.

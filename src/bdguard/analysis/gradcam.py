@@ -1,5 +1,5 @@
 """Grad-CAM (Selvaraju et al., ICCV 2017) on the last feature map, and how much of it falls on a trigger (spec:
-linf_pruning.md §3).
+docs/methods/analysis.md 1).
 
 For class c: w_k = mean_ij ∂y_c/∂A_k[i, j] with y_c the pre-softmax logit and A = `model.features(x)` (the map the
 pruning defenses mask); cam = ReLU(Σ_k w_k·A_k), bilinearly upsampled to the image size and divided by its
@@ -123,11 +123,11 @@ def grid_cells(
 
 
 def gradcam_grid(rows: list[list[Cell]], columns: Sequence[GridColumn], path: str | Path, example: int = 0) -> None:
-    """Write gradcam.png: rows of models, columns of input settings (§3: clean-trained and backdoored model; clean
-    image, real trigger, reversed trigger). Each panel shows image `example` with its map overlaid and its
-    prediction; the title gives the focus ratio averaged over all the column's images."""
+    """Write gradcam.png: rows of models, columns of input settings (docs/methods/analysis.md 1: clean-trained and
+    backdoored model; clean image, real trigger, reversed trigger). Each panel shows image `example` with its map
+    overlaid and its prediction; the title gives the focus ratio averaged over all the column's images."""
     # imported here: matplotlib is slow to import and only a report draws
-    from bdguard.reporting.gallery import new_figure, write_figure
+    from bdguard.plotting import new_figure, write_figure
 
     figure = new_figure(2.6 * len(columns), 2.8 * len(rows))
     axes = figure.subplots(len(rows), len(columns), squeeze=False)

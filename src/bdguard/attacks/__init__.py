@@ -1,7 +1,7 @@
 """Poisoning attacks, one file each, registered by name in `ATTACKS`."""
 
 from bdguard.attacks import badnets, blended, iad, lc, none, sig, trojan, wanet  # noqa: F401  (registration)
-from bdguard.attacks.base import Attack, AttackConfig, AttackContext, PoisonedSet, TriggeredSet
+from bdguard.attacks.base import Attack, AttackConfig, AttackContext
 from bdguard.attacks.registry import ATTACKS
 
 
@@ -21,8 +21,6 @@ __all__ = [
     "Attack",
     "AttackConfig",
     "AttackContext",
-    "PoisonedSet",
-    "TriggeredSet",
     "build_attack",
     "check_attack",
 ]

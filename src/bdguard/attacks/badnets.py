@@ -1,8 +1,8 @@
 """BadNets (Gu et al., 2017): stamp a small fixed patch on the image and relabel it to the target.
 
 Literature default: a 3x3 black-and-white checkerboard in the bottom-right corner.
-`preset=reference` reproduces the V&B reference code (vab.md 3.2): a 2x2 multi-coloured patch at rows 4-5,
-columns 4-5. A patch image can be given by path: a full-frame image of the data set's size (such as the
+`preset=reference` reproduces the V&B reference code (docs/methods/badnets.md 3): a 2x2 multi-coloured patch at rows
+4-5, columns 4-5. A patch image can be given by path: a full-frame image of the data set's size (such as the
 reference `badnets_patch_2x2.png`) is pasted with the reference rule (every non-zero pixel-channel value
 overwrites the image); a smaller image is pasted whole at `position`.
 """
@@ -15,13 +15,9 @@ from typing import Literal
 import torch
 
 from bdguard.attacks.base import Attack
-from bdguard.attacks.pixels import read_image
+from bdguard.attacks.pixels import patch_origin, pattern_patch, read_image
 from bdguard.attacks.registry import ATTACKS
 from bdguard.config import check_range
-from bdguard.errors import BdguardError
-
-# The four RGB values of the reference patch, (row, col) = (4,4), (4,5), (5,4), (5,5) of a 32x32 frame.
-REFERENCE_PATCH = ((180, 249, 112), (155, 50, 126), (234, 82, 68), (187, 201, 219))
 
 
 @dataclass
@@ -35,55 +31,6 @@ class BadNetsParams:
     def __post_init__(self) -> None:
         check_range("badnets.patch_size", self.patch_size, 1)
         check_range("badnets.margin", self.margin, 0)
-
-
-def patch_origin(
-    position: str, margin: int, patch: tuple[int, int], image: tuple[int, int], what: str = "badnets"
-) -> tuple[int, int]:
-    """Top-left (row, col) of a patch of size `patch` placed at `position` in an image of size `image`; `what` names
-    the attack in error messages."""
-    (ph, pw), (h, w) = patch, image
-    corners = {
-        "top-left": (margin, margin),
-        "top-right": (margin, w - pw - margin),
-        "bottom-left": (h - ph - margin, margin),
-        "bottom-right": (h - ph - margin, w - pw - margin),
-        "center": ((h - ph) // 2, (w - pw) // 2),
-    }
-    if position in corners:
-        row, col = corners[position]
-    else:
-        try:
-            row, col = (int(v) for v in position.split(","))
-        except ValueError:
-            raise BdguardError(
-                f"{what}.position must be one of {', '.join(corners)} or 'row,col', got {position!r}"
-            ) from None
-    if ph > h or pw > w:
-        raise BdguardError(f"{what} patch {ph}x{pw} is larger than the {h}x{w} image")
-    if not (0 <= row <= h - ph and 0 <= col <= w - pw):
-        raise BdguardError(f"{what} patch {ph}x{pw} at ({row},{col}) does not fit in the {h}x{w} image")
-    return row, col
-
-
-def pattern_patch(pattern: str, size: int, channels: int, seed: int, what: str = "badnets") -> torch.Tensor:
-    """A generated (C, size, size) uint8 patch; `what` names the attack in error messages."""
-    if pattern == "reference":
-        if size != 2:
-            raise BdguardError(f"{what} pattern 'reference' is the 2x2 reference patch: set patch_size=2")
-        rgb = torch.tensor(REFERENCE_PATCH, dtype=torch.uint8).T.reshape(3, 2, 2)
-        if channels == 3:
-            return rgb
-        return rgb.float().mean(0, keepdim=True).round().to(torch.uint8).expand(channels, 2, 2).clone()
-    if pattern == "checkerboard":
-        grid = torch.arange(size)
-        cell = ((grid[:, None] + grid[None, :]) % 2 == 0).to(torch.uint8) * 255
-        return cell.expand(channels, size, size).clone()
-    if pattern == "random":
-        generator = torch.Generator().manual_seed(seed)
-        return torch.randint(0, 256, (channels, size, size), generator=generator, dtype=torch.uint8)
-    value = 255 if pattern == "white" else 0
-    return torch.full((channels, size, size), value, dtype=torch.uint8)
 
 
 @ATTACKS.register

@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from bdguard.config import NoParams, check_range, from_dict, merge
-from bdguard.data.base import DataBundle, ImageSet
+from bdguard.data.base import DataBundle, ImageSet, PoisonedSet, TriggeredSet
 from bdguard.errors import BdguardError
 
 
@@ -38,29 +38,6 @@ class AttackContext:
     device: torch.device
     cache_dir: Path
     quiet: bool = False
-
-
-@dataclass(frozen=True)
-class PoisonedSet:
-    """A poisoned training set plus its provenance, which only evaluation may read."""
-
-    train: ImageSet  # images with triggers inserted, labels as the attacker set them
-    poison_mask: torch.Tensor  # bool (N,): trigger inserted
-    cross_mask: torch.Tensor  # bool (N,): noise/cross samples (WaNet, IAD), labels kept
-    original_labels: torch.Tensor  # int64 (N,)
-    manifest: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class TriggeredSet:
-    """Triggered test images with their true classes and the classes the attacker wants."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    targets: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
 
 
 class Attack(ABC):

@@ -5,8 +5,8 @@ order PIL's `Image.blend` uses, so that the reference code's images are reproduc
 (1 - alpha) * x + alpha * t in float32 differs from it by one on about 2 % of (x, t) pairs at alpha 0.1).
 
 Literature default: alpha = 0.2 (the common benchmark value) with a uniform random-noise trigger image drawn from
-the attack seed. `preset=reference` reproduces the V&B reference code (vab.md 3.3): alpha = 0.1. Its trigger, the
-Hello-Kitty image, is not part of the package: pass it by path with `image=...` (for example
+the attack seed. `preset=reference` reproduces the V&B reference code (docs/methods/blended.md 3): alpha = 0.1. Its
+trigger, the Hello-Kitty image, is not part of the package: pass it by path with `image=...` (for example
 ../shared/data/triggers/hello_kitty.png), with or without the preset. Any image file is converted to the data set's
 channel count (RGB for three channels, grey otherwise) and resized to its size with PIL bicubic, as the reference
 does.

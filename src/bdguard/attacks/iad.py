@@ -30,17 +30,16 @@ run shows whether the generator learned a working trigger. Weights and numbers a
 shape, target, mode, seed and every parameter but `cross_ratio` (it only changes poisoning); the next run loads them
 and poisons identically without retraining. An unreadable cache file is logged and replaced.
 
-Poisoning (the V&B reference's static set, vab.md 3.7): one seeded permutation; its first round(rate x N) samples are
-triggered and relabelled (target for all2one, (y + 1) mod K for all2all; `rate` is the fraction of the whole training
-set), the next round(cross_ratio x rate x N) are cross samples that keep their labels and get the pattern and mask
-generated from another, seeded-random training image. Test images get their own trigger.
+Poisoning (the V&B reference's static set, docs/methods/iad.md 3): one seeded permutation; its first round(rate x N)
+samples are triggered and relabelled (target for all2one, (y + 1) mod K for all2all; `rate` is the fraction of the whole
+training set), the next round(cross_ratio x rate x N) are cross samples that keep their labels and get the pattern and
+mask generated from another, seeded-random training image. Test images get their own trigger.
 `preset=reference` is the reference's set-up (cross_ratio 1, p_attack = p_cross = 0.1, the paper's loss weights); the
 reference used the authors' precomputed CIFAR-10 arrays, which are not available, so the generator is trained here.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -53,13 +52,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from bdguard.attacks.base import Attack, AttackContext, PoisonedSet
+from bdguard.attacks.base import Attack, AttackContext
 from bdguard.attacks.pixels import truncate_to_uint8
 from bdguard.attacks.registry import ATTACKS
 from bdguard.config import check_range
 from bdguard.data.augment import to_float
-from bdguard.data.base import DataBundle, ImageSet
+from bdguard.data.base import DataBundle, ImageSet, PoisonedSet
 from bdguard.errors import BdguardError
+from bdguard.hashing import digest
 from bdguard.io import atomic_path
 from bdguard.models import MODELS
 from bdguard.progress import log, progress_bar
@@ -333,13 +333,10 @@ class IAD(Attack):
     def cache_identity(self, bundle: DataBundle) -> dict[str, Any]:
         """Everything that changes the trained generator (cross_ratio only changes poisoning)."""
         train = bundle.train
-        digest = hashlib.sha256()
-        digest.update(train.images.cpu().contiguous().numpy().data)
-        digest.update(train.labels.cpu().contiguous().numpy().data)
         return {
             "version": CACHE_VERSION,
             "dataset": bundle.name,
-            "data": digest.hexdigest()[:16],
+            "data": digest(train.images, train.labels),
             "train_size": len(train),
             "image_shape": list(self.image_shape),
             "num_classes": self.num_classes,
@@ -352,7 +349,7 @@ class IAD(Attack):
         }
 
     def cache_path(self, cache_dir: Path, identity: dict[str, Any]) -> Path:
-        key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+        key = digest(identity)
         dataset = identity["dataset"].replace(":", "_").replace("/", "_")
         return Path(cache_dir) / "attacks" / f"iad-{dataset}-{key}.safetensors"
 

@@ -27,7 +27,7 @@ model, which gives perturbations that transfer better; this uses a standard one.
 Defaults (literature): eps = 16/255 (Turner et al.'s larger L-inf budget, the V&B "Cl-16"), a 3x3 checkerboard in
 the bottom-right corner at amplitude 1, step_size = 2.5 eps / steps (Madry et al.'s rule: the walk can cross the
 ball and back). steps = 10 is a CPU-friendly default; Turner et al. ran longer PGD than that.
-`preset=reference` is the V&B reference code (vab.md 3.5): the 2x2 multi-coloured patch at rows/columns 4-5,
+`preset=reference` is the V&B reference code (docs/methods/lc.md 3): the 2x2 multi-coloured patch at rows/columns 4-5,
 pasted, eps = 16/255 (the reference loads Turner et al.'s released inf_16 images instead of computing them).
 `preset=turner` is Turner et al.'s own bottom-right 3x3 trigger.
 
@@ -43,17 +43,16 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from bdguard.attacks.badnets import patch_origin, pattern_patch
-from bdguard.attacks.base import Attack, AttackContext, PoisonedSet
-from bdguard.attacks.pixels import truncate_to_uint8
+from bdguard.attacks.base import Attack, AttackContext
+from bdguard.attacks.pixels import patch_origin, pattern_patch, truncate_to_uint8
 from bdguard.attacks.registry import ATTACKS
+from bdguard.attacks.surrogate import check_surrogate, train_surrogate
 from bdguard.config import check_range
 from bdguard.data.augment import to_float
-from bdguard.data.base import DataBundle, ImageSet
+from bdguard.data.base import DataBundle, ImageSet, PoisonedSet
 from bdguard.errors import BdguardError
 from bdguard.models import BackdoorModel
 from bdguard.progress import progress_bar
-from bdguard.training.surrogate import check_surrogate, train_surrogate
 
 # Turner et al.'s bottom-right trigger (poison_attack.py), +1 white, -1 black, rows top to bottom.
 TURNER_PATCH = ((-1, -1, 1), (-1, 1, -1), (1, -1, 1))

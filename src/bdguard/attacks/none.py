@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from bdguard.attacks.base import Attack, PoisonedSet
+from bdguard.attacks.base import Attack
 from bdguard.attacks.registry import ATTACKS
-from bdguard.data.base import ImageSet
+from bdguard.data.base import ImageSet, PoisonedSet
 
 
 @ATTACKS.register

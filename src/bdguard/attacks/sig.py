@@ -7,8 +7,8 @@ is the fraction of the target class and only all2one exists.
 Two forms, chosen with `form`:
 - "standard" (default, the literature's additive signal): `x' = trunc(clamp(x + v, 0, 255))`, delta = 20,
   f = 6.
-- "reference" (`preset=reference`, the V&B reference code, vab.md 3.4): the code writes v into a uint8 array, so
-  the pattern is `P(j) = trunc(v(j)) mod 256` (negative lobes wrap around to 236..255), and P is then blended
+- "reference" (`preset=reference`, the V&B reference code, docs/methods/sig.md 3): the code writes v into a uint8 array,
+  so the pattern is `P(j) = trunc(v(j)) mod 256` (negative lobes wrap around to 236..255), and P is then blended
   rather than added, `x' = trunc(0.9 x + 0.1 P)` with PIL's float32 arithmetic (see `blended.blend`); delta = 20,
   f = 6. For W = 32 row 0 of P is 0, 18, 14, 249, 236, 249, 14, 18, 0, 238, 242, 7, 20, ...
 Results are written back to uint8 by truncation: clamped to [0, 255], then floored.

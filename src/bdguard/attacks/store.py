@@ -12,17 +12,16 @@ and the key), whose presence marks the folder complete. A damaged entry is rebui
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from bdguard.attacks.base import AttackConfig, PoisonedSet
+from bdguard.attacks.base import AttackConfig
 from bdguard.config import to_dict
-from bdguard.data.base import ImageSet
+from bdguard.data.base import ImageSet, PoisonedSet
+from bdguard.hashing import digest
 from bdguard.io import read_json, write_json, write_with
 
 FORMAT = 1
@@ -31,11 +30,7 @@ ARRAYS = ("changed", "images", "labels", "poison_mask", "cross_mask")
 
 def poison_key(dataset: str, train: ImageSet, attack: AttackConfig) -> str:
     """A hash of what a poisoned set depends on: the attack's settings and the clean training set's contents."""
-    h = hashlib.blake2b(digest_size=12)
-    h.update(json.dumps([FORMAT, dataset, to_dict(attack), list(train.image_shape)], sort_keys=True).encode())
-    for tensor in (train.images, train.labels):
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    return digest(FORMAT, dataset, to_dict(attack), train.images, train.labels)
 
 
 def _save_array(path: Path, array: np.ndarray) -> None:

@@ -2,7 +2,7 @@
 model; poisoning is then as in BadNets (stamp the patch, relabel to the target; all2one or all2all).
 
 `prepare` trains (or loads) the clean model (`surrogate_model`, `surrogate_epochs`, shared with lc, see
-`bdguard.training.surrogate.train_surrogate`), picks the `neurons` channels of its last convolutional feature map
+`bdguard.attacks.surrogate.train_surrogate`), picks the `neurons` channels of its last convolutional feature map
 (`model.features`) with the largest total outgoing weight magnitude to the classifier (`fc.weight.abs().sum(0)`,
 TrojanNN's neuron selection), and optimises the trigger: the pixel values of a `patch_size` square at `position`
 (the mask is fixed to that square), started from seeded uniform noise, are changed by Adam (`lr` on the [0, 1] pixel
@@ -23,7 +23,6 @@ initial noise trigger and with the optimised one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,17 +32,18 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from bdguard.attacks.badnets import patch_origin
 from bdguard.attacks.base import Attack, AttackContext
+from bdguard.attacks.pixels import patch_origin
 from bdguard.attacks.registry import ATTACKS
+from bdguard.attacks.surrogate import check_surrogate, train_surrogate
 from bdguard.config import check_range
 from bdguard.data.augment import to_float
 from bdguard.data.base import DataBundle
 from bdguard.errors import BdguardError
+from bdguard.hashing import digest
 from bdguard.io import atomic_path
 from bdguard.models import BackdoorModel
 from bdguard.progress import log, progress_bar
-from bdguard.training.surrogate import check_surrogate, train_surrogate
 
 FORMAT = "bdguard-trojan-trigger-v1"
 
@@ -113,16 +113,6 @@ def optimise_trigger(
     return patch.detach().mul(255).round().to(torch.uint8)
 
 
-def _digest(*parts: Any) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        if isinstance(part, torch.Tensor):
-            h.update(part.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        else:
-            h.update(json.dumps(part, sort_keys=True).encode())
-    return h.hexdigest()[:16]
-
-
 @ATTACKS.register
 class Trojan(Attack):
     name = "trojan"
@@ -154,7 +144,7 @@ class Trojan(Attack):
         images = bundle.train.images[pick]
         init = torch.rand((self.image_shape[0], p.patch_size, p.patch_size), generator=generator)
         settings = {k: v for k, v in vars(p).items() if not k.startswith("surrogate_")}
-        key = _digest(FORMAT, settings, self.config.seed, list(self.image_shape), *model.state_dict().values(), images)
+        key = digest(FORMAT, settings, self.config.seed, list(self.image_shape), *model.state_dict().values(), images)
         path = Path(context.cache_dir) / "attacks" / f"trojan-{key}.safetensors"
         cached = _load_trigger(path, tuple(init.shape))
         if cached is None:

@@ -24,7 +24,7 @@ training batch is out of scope here, since the poisoned set is computed once and
 with the clean grid only.
 
 Defaults are the literature's (WaNet on CIFAR-10): k = 4, s = 0.5, grid_rescale = 1, cross_ratio = 2.
-`preset=reference` pins the V&B reference code's values (vab.md 3.6), which are the same; pass
+`preset=reference` pins the V&B reference code's values (docs/methods/wanet.md 3), which are the same; pass
 `grid_path=.../wanet_grid_k4_s0.5.npy` for its exact grid. The reference fixes its noise set at 20 % of the whole
 set whatever the rate, which is cross_ratio = 2 at its rate of 0.1 (use cross_ratio = 0.2 / rate at other rates).
 """
@@ -39,11 +39,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bdguard.attacks.base import Attack, PoisonedSet
+from bdguard.attacks.base import Attack
 from bdguard.attacks.pixels import truncate_to_uint8
 from bdguard.attacks.registry import ATTACKS
 from bdguard.config import check_range
-from bdguard.data.base import ImageSet
+from bdguard.data.base import ImageSet, PoisonedSet
 from bdguard.errors import BdguardError
 
 # Grid values per chunk of noise samples (about 32 MB of float32 per grid tensor), bounding memory on large images.

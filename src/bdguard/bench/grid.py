@@ -16,8 +16,6 @@ and seed, so that cell runs whenever one of them is in the grid, listed or not.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +23,9 @@ from typing import Any, Literal
 
 from bdguard.attacks import ATTACKS
 from bdguard.bench.config import BenchConfig
-from bdguard.config import to_dict
 from bdguard.defenses import DEFENSES, PostTrainingDefense
 from bdguard.detectors import DETECTORS
+from bdguard.hashing import digest, settings_dict
 from bdguard.runs.analyze import AnalyzeConfig
 from bdguard.runs.detect import DetectConfig
 from bdguard.runs.repair import PruneConfig
@@ -40,13 +38,9 @@ POISON_STORE = "poisoned-sets"
 
 
 def settings_hash(config: Any, *parents: str) -> str:
-    """A hash of a run's settings, less what may change between sessions (device, threads), and of the hashes
-    of the steps it builds on."""
-    data = to_dict(config)
-    for key in ("device", "threads"):
-        data.get("train", {}).pop(key, None)
-    text = json.dumps([data, *parents], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """A step's fingerprint: its run's settings (as `runs.common.fingerprint` reads them) and the fingerprints of
+    the steps it builds on."""
+    return digest([settings_dict(config), *parents])
 
 
 def is_post_training(defense: str) -> bool:

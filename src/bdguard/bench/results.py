@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from collections.abc import Iterable
 from typing import Any
 
 from bdguard.io import write_text
+from bdguard.stats import mean_std
 
 COLUMNS = (
     "attack",
@@ -120,16 +120,6 @@ def failed_row(columns: Iterable[str], folder: str, error: str, **keys: Any) -> 
     row = dict.fromkeys(columns)
     row.update(keys, status="failed", folder=folder, error=error)
     return row
-
-
-def mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    """The mean and the sample standard deviation (None for fewer than two values; both None for none)."""
-    if not values:
-        return None, None
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, None
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
 def summarise(rows: Iterable[dict]) -> list[dict]:

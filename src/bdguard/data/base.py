@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -105,3 +106,26 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     mean = total / count
     std = (total_sq / count - mean.pow(2)).clamp_min(1e-12).sqrt()
     return tuple(round(float(v), 4) for v in mean), tuple(round(float(v), 4) for v in std)
+
+
+@dataclass(frozen=True)
+class PoisonedSet:
+    """A poisoned training set plus its provenance, which only evaluation may read."""
+
+    train: ImageSet  # images with triggers inserted, labels as the attacker set them
+    poison_mask: torch.Tensor  # bool (N,): trigger inserted
+    cross_mask: torch.Tensor  # bool (N,): noise/cross samples (WaNet, IAD), labels kept
+    original_labels: torch.Tensor  # int64 (N,)
+    manifest: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TriggeredSet:
+    """Triggered test images with their true classes and the classes the attacker wants."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    targets: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.images.shape[0]

@@ -11,9 +11,8 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from bdguard.attacks.base import PoisonedSet, TriggeredSet
 from bdguard.config import NoParams, from_dict
-from bdguard.data.base import DataBundle, ImageSet
+from bdguard.data.base import DataBundle, ImageSet, PoisonedSet, TriggeredSet
 from bdguard.models.base import BackdoorModel
 from bdguard.training.config import TrainConfig
 from bdguard.training.metrics import Evaluator

@@ -1,5 +1,5 @@
 """Neural Cleanse (Wang et al., IEEE S&P 2019): reverse-engineer the smallest trigger that sends images to each
-label, flag the label whose trigger is abnormally small, and unlearn that trigger (spec: linf_pruning.md §7.3, §8).
+label, flag the label whose trigger is abnormally small, and unlearn that trigger (docs/methods/neural-cleanse.md).
 
 Per candidate label y a mask m = tanh(a)/2 + 0.5 (H x W, shared by the channels) and a pattern
 Δ = tanh(b)/2 + 0.5 minimise CE(f((1 - m)·x + m·Δ), y) + λ_y·|m|_1 with Adam (lr 0.1, betas 0.5/0.9) and NC's λ
@@ -451,7 +451,7 @@ class NeuralCleanse(PostTrainingDefense):
 def write_trigger_image(trigger: ReversedTrigger, path: Path) -> None:
     """nc_trigger.png: the mask, the pattern and their product m·Δ (what is pasted), with the detector's verdict."""
     # imported here: matplotlib is slow to import and only a report draws
-    from bdguard.reporting.gallery import new_figure, write_figure
+    from bdguard.plotting import new_figure, write_figure
 
     pattern = trigger.pattern.permute(1, 2, 0).numpy()
     pasted = (trigger.mask[..., None] * trigger.pattern.permute(1, 2, 0)).numpy()

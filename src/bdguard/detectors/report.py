@@ -17,7 +17,7 @@ def plot_score_hist(path: Path, scores: torch.Tensor, flagged: torch.Tensor, poi
     """Scores as shares of each group (clean / poisoned where the truth is known, else all samples), with the
     lowest flagged score marked."""
     # imported here: matplotlib is slow to import and only the end of a run draws
-    from bdguard.reporting.gallery import new_figure, write_figure
+    from bdguard.plotting import new_figure, write_figure
 
     values = scores.float().cpu().numpy()
     bins = np.linspace(values.min(), values.max() + 1e-9, HIST_BINS + 1)
@@ -54,7 +54,7 @@ def plot_most_suspicious(
     poison: torch.Tensor | None,
 ) -> None:
     """The `count` highest-scoring images with index, given label and score (and, where known, whether poisoned)."""
-    from bdguard.reporting.gallery import class_name, new_figure, pixels, write_figure
+    from bdguard.plotting import class_name, new_figure, pixels, write_figure
 
     order = scores.float().argsort(descending=True)[:count].cpu()
     rows = -(-order.numel() // GALLERY_COLUMNS)

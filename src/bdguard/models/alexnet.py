@@ -10,7 +10,8 @@ from torch import nn
 from bdguard.models.base import MODELS, BackdoorModel, check_positive_int, init_weights
 from bdguard.models.small_cnn import conv_bn_relu
 
-# channels of the five convolutions at width 1; width 4 gives the 64-192-384-256-256 of linf_pruning.md section 6
+# channels of the five convolutions at width 1; width 4 gives the 64-192-384-256-256 of
+# docs/methods/linf-pruning.md section 9
 BASE_CHANNELS = (16, 48, 96, 64, 64)
 
 

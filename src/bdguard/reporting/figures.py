@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from bdguard.reporting.gallery import new_figure
+from bdguard.plotting import new_figure
 
 TRUTH = "poison_mask.npy"  # which training samples were poisoned: ground truth, read by reports only
 

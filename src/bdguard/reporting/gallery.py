@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,9 +18,8 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from bdguard.attacks.base import PoisonedSet, TriggeredSet
-from bdguard.data.base import ImageSet
-from bdguard.io import write_with
+from bdguard.data.base import ImageSet, PoisonedSet, TriggeredSet
+from bdguard.plotting import class_name, pixels
 
 CROSS_ROWS = 2  # noise/cross rows shown in addition, when the attack makes any
 # Layout in pixels at DPI: images are placed pixel for pixel (no axes, no layout engine: fast, and exact).
@@ -30,7 +28,6 @@ PANEL = 160  # small images are upscaled by a whole factor (nearest) to at least
 GAP = 16
 CAPTION = 32  # two lines of 8-point text above each image
 TITLE = 64  # three lines of 9-point text
-NAME_CHARS = 14  # longer class names are cut so captions stay within their column
 DIFFERENCE_RULE = "|poisoned - clean|, max over channels, scaled per image so its maximum is 255"
 
 
@@ -109,22 +106,6 @@ def gallery_title(manifest: dict[str, Any], classes: Sequence[str]) -> str:
     )
 
 
-def class_name(classes: Sequence[str], label: torch.Tensor | int) -> str:
-    name = classes[int(label)]
-    return name if len(name) <= NAME_CHARS else name[: NAME_CHARS - 1] + "\u2026"
-
-
-def pixels(image: torch.Tensor, factor: int) -> np.ndarray:
-    """(C, H, W) uint8 -> RGB (H, W, 3) upscaled by `factor` with nearest neighbours; one channel becomes grey.
-
-    Colours are computed here, not by a matplotlib colour map, so every image pixel lands in the PNG unchanged.
-    """
-    array = image.cpu().numpy().transpose(1, 2, 0)
-    if array.shape[2] == 1:
-        array = array.repeat(3, axis=2)
-    return array.repeat(factor, axis=0).repeat(factor, axis=1)
-
-
 def _heat(diff: torch.Tensor, factor: int) -> np.ndarray:
     """(H, W) uint8 difference map -> RGB through the inferno colour map (black = unchanged), upscaled."""
     rgb = colormaps["inferno"](diff.cpu().numpy(), bytes=True)[..., :3]
@@ -195,15 +176,3 @@ def poison_gallery(
         return gallery_figure(examples, classes, title)
     shown = pick_triggered(triggered, len(examples) or rows, seed)
     return gallery_figure(examples, classes, gallery_title(poisoned.manifest, classes), shown)
-
-
-def new_figure(width: float, height: float) -> Figure:
-    """A constrained-layout figure of `width` x `height` inches, for the reports that draw with axes."""
-    figure = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(figure)  # render with Agg whatever backend the caller's matplotlib has chosen
-    return figure
-
-
-def write_figure(figure: Figure, path: str | Path) -> None:
-    """Save as PNG through a temporary file, so a reader never sees half an image."""
-    write_with(path, lambda handle: figure.savefig(handle, format="png", dpi="figure"))

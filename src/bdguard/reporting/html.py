@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from bdguard import __version__
-from bdguard.bench.results import mean_std
 from bdguard.errors import BdguardError
 from bdguard.io import read_json, write_text
 from bdguard.progress import log
 from bdguard.reporting.figures import detector_curves, read_jsonl, training_curve
+from bdguard.stats import mean_std
 
 # the figures of the poisoning gallery and of `analyze`; a defense's come captioned in its results.json (`figures`)
 CAPTIONS = {

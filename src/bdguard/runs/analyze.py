@@ -1,5 +1,5 @@
-"""The run behind `bdguard analyze`: look inside a trained model the way linf_pruning.md §3-4 does, on the same
-seeded probe images `bdguard prune` would use.
+"""The run behind `bdguard analyze`: look inside a trained model the way docs/methods/analysis.md 1-2 describes, on the
+same seeded probe images `bdguard prune` would use.
 
 - gradcam.png: Grad-CAM of the clean-trained model (when given) and the analysed model on clean probe images,
   the same images with the real trigger and, with `trigger=reverse`, with Neural Cleanse's reversed trigger;
@@ -33,7 +33,7 @@ from bdguard.runs.common import check_model_data, environment, prepare_data, rec
 from bdguard.runs.repair import ProbeConfig, take_probe
 from bdguard.training import TrainConfig
 
-TOP_SHARE = 0.05  # norms.json summarises each norm by its top 5% channels (by diff), as linf_pruning.md 7.5 does
+TOP_SHARE = 0.05  # norms.json summarises each norm by its top 5% channels (by diff), as docs/methods/analysis.md 3 says
 Summary = dict[str, dict[str, torch.Tensor]]  # norm ("1", "2", "inf") -> shift_summary
 
 
@@ -65,7 +65,8 @@ class AnalyzeConfig:
 def norm_summaries(
     model: BackdoorModel, images: torch.Tensor, trigger: Callable[[torch.Tensor], torch.Tensor], batch_size: int
 ) -> Summary:
-    """§4's statistics of every norm: how `trigger` shifts each channel's l1, l2 and linf over `images`."""
+    """The statistics of docs/methods/analysis.md 2 for every norm: how `trigger` shifts each channel's l1, l2 and linf
+    over `images`."""
     clean = activation_stats(model, images, batch_size)
     stamped = activation_stats(model, trigger(images), batch_size)
     return {p: shift_summary(clean[p], stamped[p]) for p in NORMS}

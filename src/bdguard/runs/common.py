@@ -3,8 +3,6 @@ made before anything slow, the device, and the names of the files a run folder h
 
 from __future__ import annotations
 
-import hashlib
-import json
 import platform
 import shlex
 import sys
@@ -14,12 +12,14 @@ from typing import Any
 import torch
 
 from bdguard import __version__
-from bdguard.attacks import Attack, AttackConfig, AttackContext, PoisonedSet, TriggeredSet, build_attack, check_attack
+from bdguard.attacks import Attack, AttackConfig, AttackContext, build_attack, check_attack
 from bdguard.attacks.store import load_poisoned, poison_key, store_poisoned
-from bdguard.config import from_dict, to_dict
+from bdguard.config import from_dict
 from bdguard.data import DataBundle, DataConfig, load_dataset
+from bdguard.data.base import PoisonedSet, TriggeredSet
 from bdguard.data.loading import known_class_count
 from bdguard.errors import BdguardError
+from bdguard.hashing import digest, settings_dict
 from bdguard.models import ModelMeta
 from bdguard.progress import log
 from bdguard.training import TrainConfig, resolve_device
@@ -49,11 +49,9 @@ def environment() -> dict[str, Any]:
 
 
 def fingerprint(config: Any) -> str:
-    """A hash of everything that shapes the result; the device and thread count may change on resume."""
-    data = to_dict(config)
-    for key in ("device", "threads"):
-        data["train"].pop(key)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    """A hash of everything that shapes the result (a checkpoint of other settings is refused); the device and
+    thread count may change on resume."""
+    return digest(settings_dict(config))
 
 
 def prepare_data(config: DataConfig, device: torch.device) -> DataBundle:

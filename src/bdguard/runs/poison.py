@@ -41,7 +41,8 @@ def run_poison(
     device = use_device(config.train)
     bundle, attack, poisoned, triggered = poisoned_data(config.data, config.attack, device, quiet, poison_store)
     # Imported here: matplotlib is slow to import and only this command draws.
-    from bdguard.reporting.gallery import poison_gallery, write_figure
+    from bdguard.plotting import write_figure
+    from bdguard.reporting.gallery import poison_gallery
 
     poison_mask, cross_mask = poisoned.poison_mask.cpu(), poisoned.cross_mask.cpu()
     original, labels = poisoned.original_labels.cpu(), poisoned.train.labels.cpu()

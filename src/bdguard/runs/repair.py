@@ -19,7 +19,7 @@ from bdguard.attacks import AttackConfig, AttackContext, build_attack
 from bdguard.config import check_range, from_dict, to_dict
 from bdguard.data import DataBundle, DataConfig, ImageSet
 from bdguard.data.sources import ImageDecoder
-from bdguard.data.sources.imagefolder import read_labelled_dir
+from bdguard.data.sources.folders import read_labelled_dir
 from bdguard.defenses import DefenseConfig, PostTrainingDefense, RepairJob, build_defense
 from bdguard.errors import BdguardError
 from bdguard.io import check_writable, write_json

@@ -9,9 +9,10 @@ from typing import Any
 
 import torch
 
-from bdguard.attacks import AttackConfig, AttackContext, TriggeredSet, build_attack
+from bdguard.attacks import AttackConfig, AttackContext, build_attack
 from bdguard.config import from_dict, to_dict
 from bdguard.data import DataConfig
+from bdguard.data.base import TriggeredSet
 from bdguard.defenses import DefenseConfig, TrainingDefense, TrainingJob, build_defense
 from bdguard.errors import BdguardError
 from bdguard.io import check_writable, run_lock, write_array, write_json

@@ -17,7 +17,7 @@ from bdguard.data.base import ImageSet
 from bdguard.training.runtime import autocast
 
 if TYPE_CHECKING:  # attacks import the training package: a runtime import would be circular
-    from bdguard.attacks.base import TriggeredSet
+    from bdguard.data.base import TriggeredSet
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from bdguard.data.sources import (
     path_identity,
     search_roots,
 )
-from bdguard.data.sources.imagefolder import read_split_dirs
+from bdguard.data.sources.folders import read_split_dirs
 from bdguard.errors import BdguardError
 
 # Alphabetical, which is both ImageFolder's label order and CIFAR-10's own.

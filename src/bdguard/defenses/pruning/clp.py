@@ -1,4 +1,4 @@
-"""clp: Channel Lipschitzness-based Pruning (Zheng, Tang, Li and Liu, ECCV 2022; linf_pruning.md 8), data-free.
+"""clp: Channel Lipschitzness-based Pruning (Zheng, Tang, Li and Liu, ECCV 2022; docs/methods/clp.md), data-free.
 
 For every Conv->BN pair and output channel k, the channel's upper bound on its Lipschitz constant is
 UCLC_k = largest singular value of W_k * |gamma_k / sigma_k|, with W_k reshaped to (C_in, kh x kw) and sigma_k the
@@ -180,7 +180,7 @@ class ChannelLipschitzPruning(PostTrainingDefense):
 
 def plot_uclc(path: Path, layers: list[dict[str, Any]]) -> None:
     """UCLC of every channel, layer by layer along the x axis, with each layer's threshold; pruned in red."""
-    from bdguard.reporting.gallery import new_figure, write_figure
+    from bdguard.plotting import new_figure, write_figure
 
     figure = new_figure(max(6.0, 0.35 * len(layers)), 3.6)
     ax = figure.subplots()

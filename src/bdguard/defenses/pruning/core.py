@@ -1,8 +1,9 @@
-"""The path every last-layer pruning defense shares (linf_pruning.md 5): score the channels of the feature map on
-the probe set, rank them, choose k* on the probe set alone, mask the top k*, optionally fine-tune, and report.
+"""The path every last-layer pruning defense shares (docs/methods/linf-pruning.md 2): score the channels of the feature
+map on the probe set, rank them, choose k* on the probe set alone, mask the top k*, optionally fine-tune, and report.
 
-Pruning is a 0/1 mask on the feature map (the model's `feature_mask` buffer, 7.2), never a weight edit: exact for
-Conv-BN-ReLU and residual sums alike, saved with the model, and untouched by fine-tuning (it is no parameter).
+Pruning is a 0/1 mask on the feature map (the model's `feature_mask` buffer, docs/methods/linf-pruning.md 4),
+never a weight edit: exact for Conv-BN-ReLU and residual sums alike, saved with the model, and untouched by
+fine-tuning (it is no parameter).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from bdguard.models.base import BackdoorModel
 from bdguard.progress import log
 from bdguard.training.metrics import Evaluator, accuracy
 
-CURVE_END = 0.6  # the curve covers 0 to 60% of the channels (7.5), and further when the budget allows more
+# the curve covers 0 to 60% of the channels (docs/methods/linf-pruning.md 8), and further when the budget allows more
+CURVE_END = 0.6
 Summaries = dict[str, dict[str, torch.Tensor]]  # statistic ("1", "2", "inf", "avg") -> shift/clean summary
 
 

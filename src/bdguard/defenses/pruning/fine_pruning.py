@@ -1,6 +1,6 @@
-"""fine-pruning (Liu, Dolan-Gavitt and Garg, RAID 2018; linf_pruning.md 8): prune the last-layer channels that are
-least active on clean data ("dormant" first, by mean activation), stop before clean accuracy falls by more than a
-tolerance, then fine-tune on clean data.
+"""fine-pruning (Liu, Dolan-Gavitt and Garg, RAID 2018; docs/methods/fine-pruning.md): prune the last-layer channels
+that are least active on clean data ("dormant" first, by mean activation), stop before clean accuracy falls by more than
+a tolerance, then fine-tune on clean data.
 
 Both the stopping point and the fine-tuning use the probe set, never the test set (BackdoorBench's variant picks
 the level that maximises test ACC - ASR, which peeks at triggered data). The original zeroes the conv kernel and

@@ -1,10 +1,11 @@
 """linf-prune (Xu et al., arXiv 2002.12162): prune the last-layer channels whose peak activation a trigger raises
-most; l2-prune and l1-prune are the paper's norm ablation, the same code with another norm (linf_pruning.md 7.4).
+most; l2-prune and l1-prune are the paper's norm ablation, the same code with another norm
+(docs/methods/linf-pruning.md 7).
 
-Scores, per channel over the probe images (4): diff = mean triggered norm - mean clean norm (default), trig =
-mean triggered norm (the literal reading of the paper's summary), rel = diff / clean mean, z = diff / clean std.
-With trigger "none" there is no shift to measure and the order is the clean mean, ascending ("dormant" first):
-with norm 1 that is Fine-Pruning's ranking.
+Scores, per channel over the probe images (docs/methods/linf-pruning.md 3): diff = mean triggered norm - mean clean norm
+(default), trig = mean triggered norm (the literal reading of the paper's summary), rel = diff / clean mean, z = diff /
+clean std. With trigger "none" there is no shift to measure and the order is the clean mean, ascending ("dormant"
+first): with norm 1 that is Fine-Pruning's ranking.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Settings shared by the channel-pruning defenses (linf_pruning.md 7.1): which trigger scores the channels, how
-many channels to prune, and the optional fine-tuning afterwards. Each defense subclasses them with its defaults."""
+"""Settings shared by the channel-pruning defenses (docs/methods/linf-pruning.md 6): which trigger scores the channels,
+how many channels to prune, and the optional fine-tuning afterwards. Each defense subclasses them with its defaults."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""random-prune: the sanity baseline, last-layer channels pruned in a seeded random order (linf_pruning.md 7.4).
+"""random-prune: the sanity baseline, last-layer channels pruned in a seeded random order
+(docs/methods/linf-pruning.md 7).
 
 It shares the budget rules of the other pruning defenses; by default it prunes a fixed 10% with no trigger, so
 it costs nothing but the curve. Compare it with another defense at that defense's k* (`budget=count`).

@@ -44,8 +44,8 @@ def channel_rows(
 
 
 def curve_summary(curve: list[dict[str, Any]]) -> dict[str, float]:
-    """The curve's headline figures (linf_pruning.md 7.5), for reports only: the lowest ASR whose BA is at most 2
-    and 5 points below the unpruned model's (row 0), and the area under the ASR curve over the fractions covered
+    """The curve's headline figures (docs/methods/linf-pruning.md 8), for reports only: the lowest ASR whose BA is at
+    most 2 and 5 points below the unpruned model's (row 0), and the area under the ASR curve over the fractions covered
     (trapezoids; 0.6 x the mean ASR when it covers 0 to 60%)."""
     if curve[0]["asr"] is None:
         return {}
@@ -81,7 +81,7 @@ def write_report(
 
 def plot_curve(path: Path, curve: list[dict[str, Any]], chosen: float, title: str) -> None:
     """BA, ASR, RA (test minus probe, real trigger) and the probe figures against the pruned fraction."""
-    from bdguard.reporting.gallery import new_figure, write_figure
+    from bdguard.plotting import new_figure, write_figure
 
     figure = new_figure(6.0, 3.6)
     ax = figure.subplots()
@@ -103,7 +103,7 @@ def plot_curve(path: Path, curve: list[dict[str, Any]], chosen: float, title: st
 def plot_norms(path: Path, summaries: dict[str, dict[str, torch.Tensor]], title: str) -> None:
     """Per norm: clean (and triggered) per-channel means by channel index, and the histogram across channels of
     rel (the trigger's relative shift), or of the clean mean when there is no trigger."""
-    from bdguard.reporting.gallery import new_figure, write_figure
+    from bdguard.plotting import new_figure, write_figure
 
     norms = [key for key in ("1", "2", "inf") if key in summaries]
     figure = new_figure(4.0 * len(norms), 5.6)

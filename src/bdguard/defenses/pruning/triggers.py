@@ -1,5 +1,5 @@
-"""The trigger that scores channels (linf_pruning.md 7.3): Neural Cleanse's reverse-engineered one, the attack's
-real one (oracle analysis only), or none."""
+"""The trigger that scores channels (docs/methods/linf-pruning.md 5): Neural Cleanse's reverse-engineered one, the
+attack's real one (oracle analysis only), or none."""
 
 from __future__ import annotations
 

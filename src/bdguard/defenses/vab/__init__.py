@@ -1,4 +1,4 @@
-"""V&B, "The Victim and the Beneficiary" (Zhu et al., ICCV 2023), as specified in docs/vab.md."""
+"""V&B, "The Victim and the Beneficiary" (Zhu et al., ICCV 2023), as specified in docs/methods/vab.md."""
 
 from bdguard.defenses.vab.config import PRESETS, VabParams
 from bdguard.defenses.vab.defense import VabDefense

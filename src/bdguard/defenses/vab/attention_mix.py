@@ -1,5 +1,5 @@
-"""AttentionMix (vab.md 7): blend each image with a partner inside the region its own attention marks, and mix
-the labels by how much attention mass moves.
+"""AttentionMix (docs/methods/vab.md 2): blend each image with a partner inside the region its own attention marks, and
+mix the labels by how much attention mass moves.
 
 Images are floats in [0, 1] (the models normalise inside); mixing there equals mixing normalised images because
 the two blend weights sum to 1 (up to eps).

@@ -1,6 +1,6 @@
-"""The Beneficiary's two kinds of epoch: stage A (vab.md 7.3, AttentionMix on the credible set C) and stage B
-(vab.md 8, C labelled and S unlabelled, both kinds of target suppressed by the Victim), and the label check that
-takes a flagged sample back into C.
+"""The Beneficiary's two kinds of epoch: stage A (docs/methods/vab.md 3, AttentionMix on the credible set C) and stage B
+(docs/methods/vab.md 4, C labelled and S unlabelled, both kinds of target suppressed by the Victim), and the label check
+that takes a flagged sample back into C.
 
 As in the reference code, the no-grad attention pass runs in train mode and, with two views, mixed batches go
 through the network in two halves, so BatchNorm sees the same batches as there.

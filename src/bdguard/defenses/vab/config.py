@@ -1,4 +1,4 @@
-"""V&B's settings: every hyperparameter of vab.md section 10, the levers of bdguard's default, and presets.
+"""V&B's settings: every hyperparameter of docs/methods/vab.md section 6, the levers of bdguard's default, and presets.
 
 The Beneficiary's architecture, optimiser (lr, momentum, weight decay), batch size and epoch budget come from the
 run's `train` section. Two ways of running it:

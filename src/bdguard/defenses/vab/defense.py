@@ -1,7 +1,7 @@
-"""V&B as a training defense: the Victim/Beneficiary schedule of vab.md 9 on the run's budget, a checkpoint after
-the Victim's warm-up and after every Beneficiary epoch, and the run folder's V&B files.
+"""V&B as a training defense: the Victim/Beneficiary schedule of docs/methods/vab.md 5 on the run's budget, a checkpoint
+after the Victim's warm-up and after every Beneficiary epoch, and the run folder's V&B files.
 
-Two splits: the Victim's (the entropy rule of vab.md 6; the Victim trains on its suspicious side) and the
+Two splits: the Victim's (the entropy rule of docs/methods/vab.md 1; the Victim trains on its suspicious side) and the
 Beneficiary's, which with `refine` (the default) hands back to C the flagged samples whose given label the
 Beneficiary already predicts, during the first `refine_until` of the run. Without `refine` they are the same.
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bdguard.attacks.base import PoisonedSet
+from bdguard.data.base import PoisonedSet
 from bdguard.io import write_text
 from bdguard.training.metrics import detection_metrics
 
@@ -57,7 +57,7 @@ def plot_entropy_hist(path: Path, snapshots: Mapping[int, dict[str, Any]], poiso
     """One panel per key scoring round: normalised entropy of clean, poisoned (and cross) samples, each group
     as shares of itself, so a small poisoned group stays visible."""
     # imported here: matplotlib is slow to import and only the end of a run draws
-    from bdguard.reporting.gallery import new_figure, write_figure
+    from bdguard.plotting import new_figure, write_figure
 
     poison = poisoned.poison_mask.cpu().numpy()
     cross = poisoned.cross_mask.cpu().numpy()

@@ -1,4 +1,5 @@
-"""Stage B's targets (vab.md 8): hard pseudo-labels from two views, and suppression by the Victim's beliefs."""
+"""Stage B's targets (docs/methods/vab.md 4): hard pseudo-labels from two views, and suppression by the Victim's
+beliefs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The Victim (vab.md 6): a network trained to be backdoored, whose low prediction entropy flags poisoned samples.
+"""The Victim (docs/methods/vab.md 1): a network trained to be backdoored, whose low prediction entropy flags
+poisoned samples.
 
 One epoch on all data, then epochs on the suspicious set S only (no augmentation, the given labels); after each,
 every training sample is re-scored: entropy of the softmax, smoothed over rounds, min-max normalised, and S is

@@ -3,8 +3,6 @@ model whose neurons Trojan excites. Trained with the one trainer, stored as a bd
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +11,7 @@ import torch
 from bdguard.config import check_range, to_dict
 from bdguard.data.base import DataBundle
 from bdguard.errors import BdguardError
+from bdguard.hashing import digest
 from bdguard.models import MODELS, BackdoorModel, load_model, save_model
 from bdguard.progress import log
 from bdguard.training.config import TrainConfig
@@ -29,9 +28,7 @@ def _key(bundle: DataBundle, config: TrainConfig) -> str:
     settings = to_dict(config)
     for volatile in ("device", "threads", "eval_batch_size"):
         settings.pop(volatile)
-    # the labels' checksum tells apart two sets that share a name and size
-    identity = [bundle.name, bundle.source, len(bundle.train), int(bundle.train.labels.sum()), settings]
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(bundle.name, settings, bundle.train.images, bundle.train.labels)
 
 
 def clean_model(
