@@ -24,7 +24,7 @@ from bdguard.config import load_file
 from bdguard.data import DataConfig, load_dataset
 from bdguard.io import read_json
 from bdguard.runs.detect import DetectConfig
-from bdguard.runs.repair import PruneConfig
+from bdguard.runs.repair import RepairConfig
 from bdguard.runs.train import RunConfig
 from cli_helpers import assert_one_line_error, run_cli
 
@@ -85,11 +85,11 @@ def test_smoke_bench_writes_one_row_per_cell_and_reuses_shared_work(smoke_bench)
     for (attack, defense), step in steps.items():
         assert (step.folder / "cell.json").exists()
         settings = load_file(step.folder / "run.yaml")
-        loaded = (PruneConfig if step.kind == "repair" else RunConfig).from_dict(settings)
+        loaded = (RepairConfig if step.kind == "repair" else RunConfig).from_dict(settings)
         assert loaded == step.config, (attack, defense)
         assert read_json(step.folder / "cell.json")["commands"] == step.commands()
     record = read_json(smoke_bench / "cells/badnets/fine-pruning/seed0/cell.json")
-    assert record["commands"][0].startswith("bdguard prune --model ") and "analyze" in record["commands"][1]
+    assert record["commands"][0].startswith("bdguard repair --model ") and "analyze" in record["commands"][1]
     for attack in ("badnets", "blended"):
         assert (smoke_bench / "poison" / attack / "gallery.png").read_bytes()[:4] == b"\x89PNG"
         assert (smoke_bench / "cells" / attack / "vab/seed0/analysis/gradcam.png").exists()
@@ -175,7 +175,7 @@ def test_the_report_is_one_self_contained_page_that_renders(smoke_bench, tmp_pat
     assert 'id="matrix-1"' in page and 'id="matrix-2"' in page and page.count("<details") == 13
     assert "<script" not in page and 'src="http' not in page and 'href="http' not in page  # nothing from a network
     assert page.count('src="data:image/png;base64,') >= 8 * 3 + 2  # per cell: curves and analysis; galleries
-    texts = ("badnets", "fine-pruning", "bdguard prune --model", "torch ", "Trigger galleries", "V&amp;B detector")
+    texts = ("badnets", "fine-pruning", "bdguard repair --model", "torch ", "Trigger galleries", "V&amp;B detector")
     for text in (*texts, "Poisoned-sample detection", "activation-clustering"):
         assert text in page, text
 

@@ -127,7 +127,7 @@ def test_console_entry_point():
 
 def test_demo_trains_prunes_and_prints_one_table(tmp_path, capsys, monkeypatch):
     from bdguard.cli import demo
-    from bdguard.runs.repair import PruneConfig
+    from bdguard.runs.repair import RepairConfig
     from bdguard.runs.train import RunConfig
 
     demo_config, repair_config = demo.demo_config, demo.repair_config
@@ -147,7 +147,7 @@ def test_demo_trains_prunes_and_prints_one_table(tmp_path, capsys, monkeypatch):
     def tiny_repair(defense, params):
         config = repair_config(defense, params)
         params = {**params, "nc_steps": 30}  # Neural Cleanse cut short
-        return PruneConfig.from_dict(
+        return RepairConfig.from_dict(
             {
                 "data": {"dataset": "synthetic"},
                 "defense": {"name": config.defense.name, "params": params},
@@ -179,7 +179,7 @@ def test_demo_trains_prunes_and_prints_one_table(tmp_path, capsys, monkeypatch):
     assert pruned["model_path"] == str(tmp_path / "none" / "model.safetensors") and pruned["pruned_fraction"] > 0
     assert pruned["asr"] < trained["asr"]
     # run again: both steps are read back, nothing is trained or pruned twice
-    monkeypatch.setattr(demo, "run_prune", lambda *a, **k: pytest.fail("pruned again"))
+    monkeypatch.setattr(demo, "run_repair", lambda *a, **k: pytest.fail("pruned again"))
     code, again, _ = run_cli(capsys, "demo", "--out", str(tmp_path), "--quiet")
     assert code == 0 and f"{pruned['asr']:.1%}" in again
 

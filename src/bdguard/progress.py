@@ -7,6 +7,7 @@ its loop ends; without a terminal, or when quiet, the grid says one plain line p
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Iterator
@@ -17,6 +18,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 _console = Console(stderr=True)
 _live: Progress | None = None  # the grid's display, which loops' bars join while it is open
+
+
+def number(value: float | None, digits: int = 3) -> str:
+    """A figure for a log line: `digits` decimals, "-" when there is none (None or NaN)."""
+    return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
 def log(message: str) -> None:

@@ -3,7 +3,7 @@ redoes it alone.
 
 Folders under the bench's DIR:
   cells/<attack>/<defense>/seed<k>/  one cell: the run folder of `bdguard train` (training-time defenses) or
-                                     `bdguard prune` (post-training ones), plus run.yaml (its settings), analysis/
+                                     `bdguard repair` (post-training ones), plus run.yaml (its settings), analysis/
                                      (`bdguard analyze`, when the suite asks) and cell.json, written last: the cell
                                      is finished when cell.json exists
   detections/<attack>/<detector>/seed<k>/  one detection: the folder of `bdguard detect` on the cell's poisoned
@@ -28,7 +28,7 @@ from bdguard.detectors import DETECTORS
 from bdguard.hashing import digest, settings_dict
 from bdguard.runs.analyze import AnalyzeConfig
 from bdguard.runs.detect import DetectConfig
-from bdguard.runs.repair import PruneConfig
+from bdguard.runs.repair import RepairConfig
 from bdguard.runs.train import RunConfig
 
 UNDEFENDED = "none"
@@ -64,7 +64,7 @@ class Step:
     defense: str | None  # the detector of a detection; None for a poisoning gallery
     seed: int
     folder: Path
-    config: RunConfig | PruneConfig | DetectConfig
+    config: RunConfig | RepairConfig | DetectConfig
     fingerprint: str
     source: Path | None = None  # repair: the model it repairs; detect: the model it inspects, if any
     analysis: AnalyzeConfig | None = None  # analyze the cell's model after its run
@@ -93,7 +93,7 @@ class Step:
         if self.kind == "train":
             run = ["bdguard", "train", "--config", settings, "--out", str(self.folder), "--resume"]
         else:
-            run = ["bdguard", "prune", "--model", str(self.source), "--config", settings, "--out", str(self.folder)]
+            run = ["bdguard", "repair", "--model", str(self.source), "--config", settings, "--out", str(self.folder)]
         commands = [shlex.join(run)]
         if self.analysis is not None:
             model, folder = self.folder / "model.safetensors", self.folder / "analysis"
@@ -145,7 +145,7 @@ def plan(config: BenchConfig, out: str | Path) -> list[Step]:
                     trained[defense] = step
                 else:
                     base = trained[UNDEFENDED]
-                    repair = PruneConfig(
+                    repair = RepairConfig(
                         data=config.data,
                         attack=config.attack_config(attack, seed),
                         defense=config.defense_config(defense),

@@ -1,6 +1,6 @@
 """The run behind `bdguard bench`: every step of the grid in turn, finished ones skipped, one progress display.
 
-Cells run in this process through the same functions as the commands (`run_train`, `run_prune`, `run_poison`,
+Cells run in this process through the same functions as the commands (`run_train`, `run_repair`, `run_poison`,
 `run_analyze`), so a cell's folder is exactly what its command would write. A killed bench resumes where it
 stopped: finished steps (cell.json present) are skipped, a training cell continues from its last epoch's
 checkpoint, and a repair or analysis starts again (they take minutes, not hours). A step that fails is recorded
@@ -36,7 +36,7 @@ from bdguard.progress import grid_progress, log
 from bdguard.runs.common import environment
 from bdguard.runs.detect import run_detect
 from bdguard.runs.poison import run_poison
-from bdguard.runs.repair import TEST_HOLDOUT, run_prune
+from bdguard.runs.repair import TEST_HOLDOUT, run_repair
 from bdguard.runs.train import run_train
 from bdguard.training.runtime import CHECKPOINT
 
@@ -99,7 +99,7 @@ def _run_step(step: Step, out: Path, quiet: bool) -> dict[str, Any]:
     else:
         if not step.source.exists():
             raise BdguardError(f"the model it repairs, {step.source}, is missing: its `none` cell did not finish")
-        results = run_prune(step.config, step.source, step.folder, quiet=quiet)
+        results = run_repair(step.config, step.source, step.folder, quiet=quiet)
     if step.analysis is not None:
         from bdguard.runs.analyze import run_analyze  # imported here: it draws with matplotlib
 

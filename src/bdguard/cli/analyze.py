@@ -6,13 +6,13 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from bdguard.cli.options import config_tree
-from bdguard.cli.prune import PROBE_FLAGS, add_probe_command
+from bdguard.cli.options import add_probe_command, config_tree
+from bdguard.cli.repair import PROBE_FLAGS
 from bdguard.config import merge, parse_assignments, set_dotted
 from bdguard.runs.analyze import AnalysisParams, AnalyzeConfig, run_analyze
 
 DESCRIPTION = """\
-Look inside --model (docs/methods/analysis.md) on the probe images `bdguard prune` would use, and write to --out:
+Look inside --model (docs/methods/analysis.md) on the probe images `bdguard repair` would use, and write to --out:
   gradcam.png     Grad-CAM of the last feature map; rows: --clean-model (when given) and --model; columns: clean
                   probe images, the same with the real trigger and, with --set trigger=reverse, with Neural
                   Cleanse's reversed trigger; each title gives the mean trigger-focus ratio (1 = no focus)

@@ -16,7 +16,7 @@ from bdguard.attacks import AttackConfig
 from bdguard.data import DataConfig
 from bdguard.defenses import DefenseConfig
 from bdguard.progress import log
-from bdguard.runs.repair import PruneConfig, run_prune
+from bdguard.runs.repair import RepairConfig, run_repair
 from bdguard.runs.train import RunConfig, run_train
 from bdguard.training import TrainConfig
 
@@ -48,10 +48,10 @@ def demo_config(defense: str) -> RunConfig:
     )
 
 
-def repair_config(defense: str, params: dict[str, Any]) -> PruneConfig:
+def repair_config(defense: str, params: dict[str, Any]) -> RepairConfig:
     """The defense with its defaults but `params` (linf-prune: the `auto` budget, a reversed trigger unless
     trigger=oracle), on 500 held-out clean test images."""
-    return PruneConfig(data=demo_data(), defense=DefenseConfig(name=defense, params=params))
+    return RepairConfig(data=demo_data(), defense=DefenseConfig(name=defense, params=params))
 
 
 def _share(value: float | None) -> str:
@@ -92,7 +92,7 @@ def run_demo(out: Path, quiet: bool = False) -> int:
         else:
             log(f"demo: repairing the undefended model with '{defense}' {params or ''} -> {out / name}")
             config = repair_config(defense, params)
-            results = run_prune(config, out / "none" / "model.safetensors", out / name, quiet=quiet)
+            results = run_repair(config, out / "none" / "model.safetensors", out / name, quiet=quiet)
         rows.append((f"none + {name}", results))
     # rich assumes 80 columns when stdout is a pipe or a file: too narrow for the table's eight columns
     Console(highlight=False, width=max(TABLE_WIDTH, Console().width)).print(demo_table(rows))

@@ -15,7 +15,7 @@ from bdguard.cli.bench import add_bench_parser
 from bdguard.cli.demo import run_demo
 from bdguard.cli.detect import add_detect_parser
 from bdguard.cli.poison import add_poison_parser
-from bdguard.cli.prune import add_prune_parser
+from bdguard.cli.repair import add_repair_parser
 from bdguard.cli.report import add_report_parser
 from bdguard.cli.train import add_train_parsers
 from bdguard.errors import BdguardError
@@ -35,7 +35,7 @@ def build_parser() -> Parser:
     add_bench_parser(sub)
     add_detect_parser(sub)
     add_poison_parser(sub)
-    add_prune_parser(sub)
+    add_repair_parser(sub)
     add_report_parser(sub)
 
     add_train_parsers(sub)

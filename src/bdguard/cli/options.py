@@ -116,3 +116,31 @@ def config_tree(args: argparse.Namespace, primary: str = "attack", config_cls: t
 def run_config(args: argparse.Namespace, primary: str = "attack") -> RunConfig:
     """The typed, validated RunConfig of `config_tree`."""
     return RunConfig.from_dict(config_tree(args, primary))
+
+
+def add_probe_command(
+    sub: argparse._SubParsersAction,
+    name: str,
+    summary: str,
+    description: str,
+    flags: list[tuple[str, str, dict]],
+    config_cls: type,
+    set_help: str,
+    aliases: list[str] | None = None,
+) -> argparse.ArgumentParser:
+    """A command that reads a trained model on the probe set (`repair`, `analyze`): --model, the data and attack
+    flags, `flags` (their defaults from `config_cls`), --config/--set, --out and --quiet."""
+    parser = sub.add_parser(
+        name,
+        aliases=aliases or [],
+        help=summary,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, help="a model.safetensors written by bdguard")
+    add_flags(parser, DATA_FLAGS + ATTACK_FLAGS)
+    add_flags(parser, flags, config_cls)
+    add_config_flags(parser, set_help)
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars, only plain log lines")
+    return parser

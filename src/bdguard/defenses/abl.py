@@ -37,7 +37,7 @@ from bdguard.defenses.registry import DEFENSES
 from bdguard.defenses.vab.victim import victim_logits
 from bdguard.errors import BdguardError
 from bdguard.io import write_array
-from bdguard.progress import log
+from bdguard.progress import log, number
 from bdguard.training.config import TrainConfig
 from bdguard.training.metrics import detection_metrics
 from bdguard.training.runtime import Checkpoint, RunClock, Runtime, steps_per_epoch
@@ -359,14 +359,10 @@ class _AblRun:
         return DefenseResult(self.model, self._detector(), details=details)
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def _detector_summary(detector: dict[str, Any]) -> str:
     parts = [f"ABL isolation: {detector['flagged']} samples"]
     for key in ("tpr", "fpr", "precision", "auroc"):
-        parts.append(f"{key.upper() if key != 'precision' else key} {_fmt(detector[key])}")
+        parts.append(f"{key.upper() if key != 'precision' else key} {number(detector[key])}")
     return "  ".join(parts)
 
 

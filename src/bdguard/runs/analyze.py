@@ -1,5 +1,5 @@
 """The run behind `bdguard analyze`: look inside a trained model the way docs/methods/analysis.md 1-2 describes, on the
-same seeded probe images `bdguard prune` would use.
+same seeded probe images `bdguard repair` would use.
 
 - gradcam.png: Grad-CAM of the clean-trained model (when given) and the analysed model on clean probe images,
   the same images with the real trigger and, with `trigger=reverse`, with Neural Cleanse's reversed trigger;

@@ -1,4 +1,4 @@
-"""The run behind `bdguard prune`: repair a trained model with a post-training defense and measure it.
+"""The run behind `bdguard repair`: repair a trained model with a post-training defense and measure it.
 
 The defender's data is the probe set: a seeded share of the clean test set (default 500 images) or a folder of
 clean images. Held-out probe images never enter BA/ASR: BA is measured on the test set minus the probe, ASR and
@@ -53,7 +53,7 @@ class ProbeConfig:
 
 
 @dataclass
-class PruneConfig:
+class RepairConfig:
     """One repair run. `train` gives the device, threads, evaluation batch and any fine-tuning's settings."""
 
     data: DataConfig = field(default_factory=DataConfig)
@@ -63,7 +63,7 @@ class PruneConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PruneConfig:
+    def from_dict(cls, data: dict[str, Any]) -> RepairConfig:
         # a defense section without a name (only --set options) means the default defense, not DefenseConfig's
         section = data.get("defense", {})
         if isinstance(section, dict):
@@ -111,12 +111,12 @@ def take_probe(bundle: DataBundle, config: ProbeConfig) -> tuple[ImageSet, Image
 
 
 def _check_out_dir(out: Path, model_path: Path) -> None:
-    refuse_run_folder(out, "prune", models_too=False)  # an earlier repair's folder may be repaired into again
+    refuse_run_folder(out, "repair", models_too=False)  # an earlier repair's folder may be repaired into again
     if (out / MODEL).resolve() == model_path.resolve():
         raise BdguardError(f"--out {out} would overwrite the model being repaired; choose another folder")
 
 
-def run_prune(config: PruneConfig, model_path: str | Path, out: str | Path, quiet: bool = False) -> dict[str, Any]:
+def run_repair(config: RepairConfig, model_path: str | Path, out: str | Path, quiet: bool = False) -> dict[str, Any]:
     """Repair the model at `model_path` with the post-training defense of `config.defense` and write to `out`:
     model.safetensors (its mask and the repair recorded in the sidecar), config.json, results.json (train's keys
     plus `pruned_fraction`, `before` and the probe's description) and whatever the defense writes (pruning.json,

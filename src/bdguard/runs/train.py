@@ -64,7 +64,7 @@ def run_train(
         raise BdguardError(f"--out {out} exists and is not a folder")
     defense = build_defense(config.defense)
     if not isinstance(defense, TrainingDefense):
-        raise BdguardError(f"defense {defense.name} acts on a trained model: use `bdguard prune`, not `train`")
+        raise BdguardError(f"defense {defense.name} acts on a trained model: use `bdguard repair`, not `train`")
     # unknown names fail before the data set loads
     check_before_loading(config.data, config.attack)
     MODELS.get(config.train.model)

@@ -26,7 +26,7 @@ from bdguard.defenses.pruning.triggers import scoring_trigger
 from bdguard.errors import BdguardError
 from bdguard.io import json_safe
 from bdguard.models.base import BackdoorModel
-from bdguard.progress import log
+from bdguard.progress import log, number
 from bdguard.training.metrics import Evaluator, accuracy
 
 # the curve covers 0 to 60% of the channels (docs/methods/linf-pruning.md 8), and further when the budget allows more
@@ -177,10 +177,9 @@ class ChannelPruning(PostTrainingDefense):
         ]
         model.feature_mask.copy_(masks[k])
         before, after = probe_rows[0], probe_rows[k]
-        log(
-            f"{self.name}: pruned {k} of {channels} channels ({reason}); probe ASR {_show(before['probe_asr'])} -> "
-            f"{_show(after['probe_asr'])}, probe accuracy {_show(before['probe_acc'])} -> {_show(after['probe_acc'])}"
-        )
+        asr = f"{number(before['probe_asr'])} -> {number(after['probe_asr'])}"
+        probe_acc = f"{number(before['probe_acc'])} -> {number(after['probe_acc'])}"
+        log(f"{self.name}: pruned {k} of {channels} channels ({reason}); probe ASR {asr}, probe accuracy {probe_acc}")
 
         summary: dict[str, Any] = {
             "defense": self.name,
@@ -209,7 +208,3 @@ class ChannelPruning(PostTrainingDefense):
             figures = PRUNING_FIGURES
         verdict = (trigger.report.get("neural_cleanse") or {}).get("backdoored")
         return DefenseResult(model, None, k / channels, verdict, figures, json_safe(summary))
-
-
-def _show(value: float | None) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"

@@ -115,7 +115,7 @@ def stage_a_epoch(
             ben.step(loss, lr(step / steps))
             loss_sum += loss.detach()
             region_sum += region
-            _show(bar, step, loss_sum)
+            _advance(bar, step, loss_sum)
     return {"loss": float(loss_sum) / steps, "mixed_region": float(region_sum) / steps}
 
 
@@ -177,7 +177,7 @@ def stage_b_epoch(
                 weight[chosen] = targets.sum(dim=1)  # one-hot minus beliefs, clipped: 1 - q_label at the label
             ben.step(loss, lr(step / num_iter))
             sums[0] += loss.detach()
-            _show(bar, step, sums[0])
+            _advance(bar, step, sums[0])
     means = (sums / num_iter).tolist()
     metrics = {
         "loss": means[0],
@@ -238,7 +238,7 @@ def confirmed_labels(labels: torch.Tensor, agree: torch.Tensor, share: float) ->
     return (confirmed >= share * counts)[labels]
 
 
-def _show(bar, step: int, loss_sum: torch.Tensor) -> None:
+def _advance(bar, step: int, loss_sum: torch.Tensor) -> None:
     if step % PROGRESS_EVERY == 0:
         bar.update(1, loss=float(loss_sum) / (step + 1))
     else:

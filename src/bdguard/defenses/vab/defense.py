@@ -34,7 +34,7 @@ from bdguard.defenses.vab.report import detector_metrics, plot_entropy_hist, sta
 from bdguard.defenses.vab.schedule import make_schedule, threshold
 from bdguard.defenses.vab.victim import EntropyDetector, entropy_scores, split, victim_epoch, victim_logits
 from bdguard.models import save_model
-from bdguard.progress import log
+from bdguard.progress import log, number
 from bdguard.training.config import TrainConfig
 from bdguard.training.factory import model_meta, new_model
 from bdguard.training.runtime import Checkpoint, Runtime, check_finite, epoch_generator
@@ -355,35 +355,31 @@ class _VabRun:
         plot_entropy_hist(run_dir / "entropy_hist.png", self.snapshots, self.job.poisoned)
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def _round_summary(row: dict[str, Any]) -> str:
     parts = [
         f"V&B round {row['round']} (tau {row['tau']:g})",
         f"|S| {row['suspicious']}",
         f"|C| {row['credible']}",
-        f"TPR {_fmt(row['tpr'])}",
-        f"FPR {_fmt(row['fpr'])}",
-        f"precision {_fmt(row['precision'])}",
-        f"residual {_fmt(row['residual'])}",
-        f"AUROC {_fmt(row['auroc'])}",
+        f"TPR {number(row['tpr'])}",
+        f"FPR {number(row['fpr'])}",
+        f"precision {number(row['precision'])}",
+        f"residual {number(row['residual'])}",
+        f"AUROC {number(row['auroc'])}",
     ]
     if row["cross_in_suspicious"] is not None:
-        parts.append(f"cross in S {_fmt(row['cross_in_suspicious'])}")
+        parts.append(f"cross in S {number(row['cross_in_suspicious'])}")
     return "  ".join(parts)
 
 
 def _epoch_summary(row: dict[str, Any], epochs: int) -> str:
-    parts = [f"epoch {row['epoch']}/{epochs} [{row['stage']}]", f"loss {_fmt(row['loss'], 4)}"]
+    parts = [f"epoch {row['epoch']}/{epochs} [{row['stage']}]", f"loss {number(row['loss'], 4)}"]
     for key in ("ba", "asr", "ra"):
         if row.get(key) is not None:
             parts.append(f"{key.upper()} {row[key]:.3f}")
     if row["victim_ba"] is not None:
-        parts.append(f"victim BA {_fmt(row['victim_ba'])} ASR {_fmt(row['victim_asr'])}")
+        parts.append(f"victim BA {number(row['victim_ba'])} ASR {number(row['victim_asr'])}")
     split_now = row["split"]
     parts.append(f"|S| {split_now['suspicious']} (returned {row['returned']})")
-    parts.append(f"TPR {_fmt(split_now['tpr'])} FPR {_fmt(split_now['fpr'])}")
+    parts.append(f"TPR {number(split_now['tpr'])} FPR {number(split_now['fpr'])}")
     parts.append(f"{row['seconds']:.1f}s")
     return "  ".join(parts)

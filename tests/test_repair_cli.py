@@ -1,4 +1,4 @@
-"""`bdguard prune` end to end on the synthetic set, with a tiny backdoored small-cnn trained in seconds."""
+"""`bdguard repair` end to end on the synthetic set, with a tiny backdoored small-cnn trained in seconds."""
 
 import json
 
@@ -11,13 +11,13 @@ from bdguard.data import DataConfig, load_dataset
 from bdguard.defenses import DefenseResult
 from bdguard.defenses.pruning.norm_prune import LinfPrune
 from bdguard.models import load_model
-from bdguard.runs.repair import PruneConfig, run_prune
+from bdguard.runs.repair import RepairConfig, run_repair
 from cli_helpers import assert_one_line_error, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TRAIN = ["train", "--dataset", "synthetic", "--model", "small-cnn", "--epochs", "1", "--batch-size", "64"]
-PRUNE = ["prune", "--dataset", "synthetic", "--probe-size", "200", "--threads", "1", "--quiet"]
+REPAIR = ["repair", "--dataset", "synthetic", "--probe-size", "200", "--threads", "1", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,17 @@ def model_file(tmp_path_factory):
 
 def test_prune_writes_the_repaired_model_and_its_report(model_file, tmp_path, capsys):
     out = tmp_path / "linf"
-    argv = [*PRUNE, "--model", str(model_file), "--defense", "linf-prune", "--set", "trigger=oracle", "--out", str(out)]
+    argv = [
+        *REPAIR,
+        "--model",
+        str(model_file),
+        "--defense",
+        "linf-prune",
+        "--set",
+        "trigger=oracle",
+        "--out",
+        str(out),
+    ]
     code, printed, _ = run_cli(capsys, *argv)
     assert code == 0 and "ASR" in printed and "pruned" in printed
     results = json.loads((out / "results.json").read_text())
@@ -69,8 +79,8 @@ def test_probe_images_never_enter_ba_or_asr(model_file, tmp_path, monkeypatch):
         return DefenseResult(job.model)
 
     monkeypatch.setattr(LinfPrune, "repair", capture)
-    config = PruneConfig.from_dict({"data": {"dataset": "synthetic"}, "probe": {"size": 200}, "train": {"threads": 1}})
-    run_prune(config, model_file, tmp_path / "out", quiet=True)
+    config = RepairConfig.from_dict({"data": {"dataset": "synthetic"}, "probe": {"size": 200}, "train": {"threads": 1}})
+    run_repair(config, model_file, tmp_path / "out", quiet=True)
     job = seen["job"]
     rows = {_key(image) for image in job.probe.images}
     evaluation = job.evaluate.clean
@@ -88,7 +98,7 @@ def test_probe_images_never_enter_ba_or_asr(model_file, tmp_path, monkeypatch):
 @pytest.mark.parametrize("defense", ["fine-pruning", "clp"])
 def test_the_baselines_run_from_the_cli(defense, model_file, tmp_path, capsys):
     out = tmp_path / defense
-    argv = [*PRUNE, "--model", str(model_file), "--defense", defense, "--out", str(out)]
+    argv = [*REPAIR, "--model", str(model_file), "--defense", defense, "--out", str(out)]
     if defense == "fine-pruning":
         argv += ["--set", "finetune_epochs=1"]
     code, _, err = run_cli(capsys, *argv)
@@ -115,15 +125,15 @@ def test_the_baselines_run_from_the_cli(defense, model_file, tmp_path, capsys):
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, fragment, model_file, tmp_path, capsys):
-    code, _, err = run_cli(capsys, *PRUNE, "--model", str(model_file), "--out", str(tmp_path / "x"), *argv)
+    code, _, err = run_cli(capsys, *REPAIR, "--model", str(model_file), "--out", str(tmp_path / "x"), *argv)
     assert_one_line_error(code, err, fragment)
 
 
 def test_prune_refuses_to_overwrite_its_input_and_train_refuses_post_training_defenses(model_file, capsys):
-    code, _, err = run_cli(capsys, *PRUNE, "--model", str(model_file), "--out", str(model_file.parent))
+    code, _, err = run_cli(capsys, *REPAIR, "--model", str(model_file), "--out", str(model_file.parent))
     assert_one_line_error(code, err, "holds a training run")
     code, _, err = run_cli(capsys, *TRAIN, "--defense", "linf-prune", "--out", str(model_file.parent / "x"))
-    assert_one_line_error(code, err, "defense linf-prune acts on a trained model: use `bdguard prune`")
+    assert_one_line_error(code, err, "defense linf-prune acts on a trained model: use `bdguard repair`")
 
 
 def test_a_folder_of_clean_images_can_be_the_probe(model_file, tmp_path, monkeypatch):
@@ -137,10 +147,10 @@ def test_a_folder_of_clean_images_can_be_the_probe(model_file, tmp_path, monkeyp
         Image.fromarray(test.images[i].permute(1, 2, 0).numpy()).save(folder / f"class{label}" / f"{i}.png")
     seen = {}
     monkeypatch.setattr(LinfPrune, "repair", lambda self, job: DefenseResult(seen.setdefault("job", job).model))
-    config = PruneConfig.from_dict(
+    config = RepairConfig.from_dict(
         {"data": {"dataset": "synthetic"}, "probe": {"size": 20, "source": str(folder)}, "train": {"threads": 1}}
     )
-    results = run_prune(config, model_file, tmp_path / "out", quiet=True)
+    results = run_repair(config, model_file, tmp_path / "out", quiet=True)
     probe = seen["job"].probe
     assert len(probe) == 20 and results["eval_size"] == 500  # nothing held out of the test set
     # the images come back as they were written, labelled by their class folder

@@ -1,12 +1,12 @@
-"""`bdguard prune`: repair a trained model with a post-training defense (pruning, Neural Cleanse) and measure it."""
+"""`bdguard repair` (or `prune`): repair a trained model with a post-training defense and measure it."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from bdguard.cli.options import ATTACK_FLAGS, DATA_FLAGS, DEVICE_FLAGS, add_config_flags, add_flags, config_tree
-from bdguard.runs.repair import PruneConfig, run_prune
+from bdguard.cli.options import DEVICE_FLAGS, add_probe_command, config_tree
+from bdguard.runs.repair import RepairConfig, run_repair
 
 DESCRIPTION = """\
 Repair --model with a post-training defense (see `bdguard defenses`, stage post-training) and write to --out:
@@ -26,9 +26,9 @@ PROBE_FLAGS = [
 ]
 
 
-def _prune(args: argparse.Namespace) -> int:
-    config = PruneConfig.from_dict(config_tree(args, primary="defense", config_cls=PruneConfig))
-    results = run_prune(config, args.model, args.out, quiet=args.quiet)
+def _repair(args: argparse.Namespace) -> int:
+    config = RepairConfig.from_dict(config_tree(args, primary="defense", config_cls=RepairConfig))
+    results = run_repair(config, args.model, args.out, quiet=args.quiet)
     before = results["before"]
     parts = [f"BA {before['ba']:.2%} -> {results['ba']:.2%}"]
     if results.get("asr") is not None:
@@ -38,37 +38,15 @@ def _prune(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_probe_command(
-    sub: argparse._SubParsersAction,
-    name: str,
-    summary: str,
-    description: str,
-    flags: list[tuple[str, str, dict]],
-    config_cls: type,
-    set_help: str,
-) -> argparse.ArgumentParser:
-    """A command that reads a trained model on the probe set (`prune`, `analyze`): --model, the data and attack
-    flags, `flags` (their defaults from `config_cls`), --config/--set, --out and --quiet."""
-    parser = sub.add_parser(
-        name, help=summary, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", required=True, help="a model.safetensors written by bdguard")
-    add_flags(parser, DATA_FLAGS + ATTACK_FLAGS)
-    add_flags(parser, flags, config_cls)
-    add_config_flags(parser, set_help)
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars, only plain log lines")
-    return parser
-
-
-def add_prune_parser(sub: argparse._SubParsersAction) -> None:
+def add_repair_parser(sub: argparse._SubParsersAction) -> None:
     parser = add_probe_command(
         sub,
-        "prune",
+        "repair",
         "repair a trained model with a post-training defense: linf-prune, fine-pruning, clp, ...",
         DESCRIPTION,
         [("--defense", "defense.name", {"help": "post-training defense (see `bdguard defenses`)"}), *PROBE_FLAGS],
-        PruneConfig,
+        RepairConfig,
         "a defense option (e.g. norm=1), or a full path such as probe.size=200",
+        aliases=["prune"],  # its name before 2026-12
     )
-    parser.set_defaults(handler=_prune)
+    parser.set_defaults(handler=_repair)
