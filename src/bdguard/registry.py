@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Iterator
 from difflib import get_close_matches
 from typing import Generic, TypeVar
@@ -49,3 +51,10 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+def import_modules(package: str, path: list[str]) -> None:
+    """Import every module and sub-package of `package` (`path` is its `__path__`), so that each registers what it
+    defines: a new attack, defense, detector, data set or model is one new file, with no import line to add."""
+    for module in pkgutil.iter_modules(path):
+        importlib.import_module(f"{package}.{module.name}")

@@ -1,8 +1,10 @@
 """Poisoning attacks, one file each, registered by name in `ATTACKS`."""
 
-from bdguard.attacks import badnets, blended, iad, lc, none, sig, trojan, wanet  # noqa: F401  (registration)
 from bdguard.attacks.base import Attack, AttackConfig, AttackContext
 from bdguard.attacks.registry import ATTACKS
+from bdguard.registry import import_modules
+
+import_modules(__name__, __path__)  # every file registers what it defines
 
 
 def check_attack(config: AttackConfig) -> None:

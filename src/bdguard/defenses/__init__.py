@@ -1,6 +1,5 @@
 """Defenses, one file each, registered by name in `DEFENSES`."""
 
-from bdguard.defenses import abl, anp, neural_cleanse, none, pruning, vab  # noqa: F401  (registration)
 from bdguard.defenses.base import (
     Defense,
     DefenseConfig,
@@ -12,6 +11,9 @@ from bdguard.defenses.base import (
     TrainingJob,
 )
 from bdguard.defenses.registry import DEFENSES
+from bdguard.registry import import_modules
+
+import_modules(__name__, __path__)  # every file registers what it defines
 
 
 def build_defense(config: DefenseConfig) -> Defense:

@@ -24,7 +24,7 @@ from PIL import Image
 from bdguard.data.config import DataConfig
 from bdguard.errors import BdguardError
 from bdguard.progress import log
-from bdguard.registry import Registry
+from bdguard.registry import Registry, import_modules
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -308,5 +308,5 @@ class ImageDecoder:
 
 DATASETS: Registry[type[DatasetSource]] = Registry("data set")
 
-# Importing the modules registers their sources; they need the names above, hence the imports at the end.
-from bdguard.data.sources import cifar10, digits, fashion_mnist, gtsrb, imagefolder, synthetic  # noqa: E402, F401
+# Importing the modules registers their sources; they need the names above, hence the import at the end.
+import_modules(__name__, __path__)
