@@ -212,6 +212,21 @@ def nesting_depth(value: Any, limit: int = MAX_DEPTH + 1) -> int:
     return deepest
 
 
+def with_preset(
+    settings: Mapping[str, Any], presets: Mapping[str, Mapping[str, Any]], owner: str, record: bool
+) -> dict[str, Any]:
+    """`settings` over the preset that `settings["preset"]` names (given settings win). `owner` names the attack or
+    defense in the error; with `record`, the preset's name stays among the settings (for a Params that records
+    it)."""
+    settings = dict(settings)
+    name = settings.get("preset") if record else settings.pop("preset", None)
+    if name is None:
+        return settings
+    if name not in presets:
+        raise BdguardError(f"{owner} has no preset {name!r}; presets: {', '.join(presets) or 'none'}")
+    return merge(dict(presets[name]), settings)
+
+
 def check_range(name: str, value: float, low: float | None = None, high: float | None = None) -> None:
     """Refuse a value outside [low, high] (or not finite) with the parameter's name and the allowed range."""
     if isinstance(value, float) and not math.isfinite(value):

@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from bdguard.config import NoParams, check_range, from_dict, merge
+from bdguard.config import NoParams, check_range, from_dict, with_preset
 from bdguard.data.base import DataBundle, ImageSet, PoisonedSet, TriggeredSet
 from bdguard.errors import BdguardError
 
@@ -67,14 +67,8 @@ class Attack(ABC):
     def parse_params(cls, params: dict[str, Any]) -> Any:
         """The attack's `Params` from a dict of settings over its named preset: validated without any data, so a
         grid of runs can refuse a bad option before the first one starts."""
-        params = dict(params)
-        preset = params.pop("preset", None)
-        if preset is not None:
-            if preset not in cls.presets:
-                known = ", ".join(cls.presets) or "none"
-                raise BdguardError(f"attack {cls.name} has no preset {preset!r}; presets: {known}")
-            params = merge(cls.presets[preset], params)
-        return from_dict(cls.Params, params, prefix=f"{cls.name}.")
+        settings = with_preset(params, cls.presets, f"attack {cls.name}", record=False)
+        return from_dict(cls.Params, settings, prefix=f"{cls.name}.")
 
     def prepare(self, bundle: DataBundle, context: AttackContext) -> None:  # noqa: B027 (an optional hook)
         """Learn whatever the trigger needs from clean data before `poison`/`test_set` (a generator, a surrogate

@@ -57,10 +57,10 @@ def list_attacks() -> int:
 
 
 def list_defenses() -> int:
-    table = _table("defense", "stage", "parameters (defaults)", "description")
+    table = _table("defense", "stage", "parameters (defaults)", "presets", "description")
     for name in DEFENSES:
         cls = DEFENSES.get(name)
-        table.add_row(name, cls.stage, _params(cls.Params), cls.description)
+        table.add_row(name, cls.stage, _params(cls.Params), ", ".join(cls.presets) or "-", cls.description)
     _console.print(table)
     return 0
 

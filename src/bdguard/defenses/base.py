@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
 
-from bdguard.config import NoParams, from_dict
+from bdguard.config import NoParams, from_dict, with_preset
 from bdguard.data.base import DataBundle, ImageSet, PoisonedSet, TriggeredSet
 from bdguard.models.base import BackdoorModel
 from bdguard.training.config import TrainConfig
@@ -96,10 +96,13 @@ class Defense(ABC):
     description: ClassVar[str]
     stage: ClassVar[Literal["training", "post-training"]]
     Params: ClassVar[type] = NoParams
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}  # named sets of settings, chosen by the setting `preset`
 
     def __init__(self, config: DefenseConfig) -> None:
         self.config = config
-        self.params = from_dict(self.Params, config.params, prefix=f"{self.name}.")
+        record = "preset" in {f.name for f in fields(self.Params)}
+        settings = with_preset(config.params, self.presets, f"defense {self.name}", record)
+        self.params = from_dict(self.Params, settings, prefix=f"{self.name}.")
 
 
 class TrainingDefense(Defense):

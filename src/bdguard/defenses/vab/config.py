@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from bdguard.config import check_range, coerce, from_dict, merge
+from bdguard.config import check_range
 from bdguard.errors import BdguardError
 from bdguard.models import MODELS
 
@@ -124,7 +124,7 @@ class VabParams(VictimParams):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.preset is not None and self.preset not in PRESETS:
-            raise BdguardError(f"vab.preset must be one of {', '.join(PRESETS)}; got {self.preset!r}")
+            raise BdguardError(f"defense vab has no preset {self.preset!r}; presets: {', '.join(PRESETS)}")
         if self.reference_epochs is not None:
             check_range("vab.reference_epochs", self.reference_epochs, 1)
         check_range("vab.victim_every", self.victim_every, 1)
@@ -144,12 +144,3 @@ class VabParams(VictimParams):
         check_range("vab.refine_label_share", self.refine_label_share, 0.0, 1.0)
         check_range("vab.refine_until", self.refine_until, 0.0, 1.0)
         check_range("vab.mix_share", self.mix_share, 0.0, 1.0)
-
-    @classmethod
-    def from_settings(cls, settings: dict[str, Any]) -> VabParams:
-        """Settings as given (a dict of strings from --set, or typed values) over the named preset's."""
-        preset = coerce(settings.get("preset"), str | None, "vab.preset")
-        if preset is not None and preset not in PRESETS:
-            raise BdguardError(f"vab.preset must be one of {', '.join(PRESETS)}; got {preset!r}")
-        base = PRESETS[preset].params if preset is not None else {}
-        return from_dict(cls, merge(base, settings), prefix="vab.")

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from bdguard.config import to_dict
-from bdguard.defenses.base import DefenseConfig, DefenseResult, Figure, TrainingDefense, TrainingJob, detector_summary
+from bdguard.defenses.base import DefenseResult, Figure, TrainingDefense, TrainingJob, detector_summary
 from bdguard.defenses.registry import DEFENSES
 from bdguard.defenses.vab.beneficiary import (
     Beneficiary,
@@ -54,10 +54,7 @@ class VabDefense(TrainingDefense):
         "semi-supervised with the Victim's beliefs suppressed (preset=paper: the reference method and schedule)"
     )
     Params = VabParams
-
-    def __init__(self, config: DefenseConfig) -> None:
-        self.config = config
-        self.params = VabParams.from_settings(config.params)
+    presets = {name: preset.params for name, preset in PRESETS.items()}
 
     def train(self, job: TrainingJob) -> DefenseResult:
         return _VabRun(job, self.params).run()
