@@ -1,8 +1,12 @@
+import ast
 import importlib
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+import bdguard
 
 
 @pytest.mark.parametrize(
@@ -45,3 +49,37 @@ def test_a_new_file_in_a_registry_package_registers_itself(tmp_path, monkeypatch
     monkeypatch.syspath_prepend(str(tmp_path))
     plugins = importlib.import_module("plugins")
     assert plugins.THINGS.names() == ["newcomer"] and plugins.THINGS.get("newcomer").__name__ == "Newcomer"
+
+
+# docs/design.md's layout, bottom up: a package may import only packages of its own layer or below
+LAYERS = [
+    {"errors", "config", "io", "registry", "progress", "hashing", "plotting", "stats"},
+    {"data"},
+    {"models"},
+    {"training"},
+    {"attacks"},
+    {"analysis"},
+    {"reporting"},
+    {"defenses"},
+    {"detectors"},
+    {"runs"},
+    {"bench"},
+    {"cli", "__main__"},
+]
+
+
+def test_every_import_points_down_the_layers():
+    root = Path(bdguard.__file__).parent
+    layer = {name: depth for depth, names in enumerate(LAYERS) for name in names}
+    upward = []
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root).with_suffix("").parts
+        if parts == ("__init__",):
+            continue
+        package = parts[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("bdguard."):
+                imported = node.module.split(".")[1]
+                if layer[imported] > layer[package]:
+                    upward.append(f"{'/'.join(parts)} imports bdguard.{imported}")
+    assert not upward, upward

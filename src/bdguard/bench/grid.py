@@ -37,7 +37,7 @@ SETTINGS = "run.yaml"  # the step's settings, as `--config` reads them
 POISON_STORE = "poisoned-sets"
 
 
-def settings_hash(config: Any, *parents: str) -> str:
+def step_fingerprint(config: Any, *parents: str) -> str:
     """A step's fingerprint: its run's settings (as `runs.common.fingerprint` reads them) and the fingerprints of
     the steps it builds on."""
     return digest([settings_dict(config), *parents])
@@ -128,7 +128,7 @@ def plan(config: BenchConfig, out: str | Path) -> list[Step]:
             seed = config.seeds[0]
             run = RunConfig(data=config.data, attack=config.attack_config(attack, seed), train=config.train)
             folder = out / "poison" / attack
-            steps.append(Step("poison", attack, None, seed, folder, run, settings_hash(run)))
+            steps.append(Step("poison", attack, None, seed, folder, run, step_fingerprint(run)))
         for seed in config.seeds:
             trained: dict[str, Step] = {}
             for defense in sorted(defenses, key=is_post_training):  # training-time ones first, `none` first of all
@@ -141,7 +141,7 @@ def plan(config: BenchConfig, out: str | Path) -> list[Step]:
                         defense=config.defense_config(defense),
                         train=config.train_config(defense, seed),
                     )
-                    step = Step("train", attack, defense, seed, folder, run, settings_hash(run), None, analysis)
+                    step = Step("train", attack, defense, seed, folder, run, step_fingerprint(run), None, analysis)
                     trained[defense] = step
                 else:
                     base = trained[UNDEFENDED]
@@ -152,7 +152,7 @@ def plan(config: BenchConfig, out: str | Path) -> list[Step]:
                         probe=config.probe_config(seed),
                         train=config.train_config(defense, seed),
                     )
-                    fingerprint = settings_hash(repair, base.fingerprint)
+                    fingerprint = step_fingerprint(repair, base.fingerprint)
                     source = base.folder / "model.safetensors"
                     step = Step("repair", attack, defense, seed, folder, repair, fingerprint, source, analysis)
                 steps.append(step)
@@ -176,7 +176,7 @@ def _detections(config: BenchConfig, out: Path, attack: str, seed: int, undefend
         if DETECTORS.get(detector).uses_model:
             source, parents = undefended.folder / "model.safetensors", [undefended.fingerprint]
         folder = out / "detections" / attack / detector / f"seed{seed}"
-        steps.append(Step("detect", attack, detector, seed, folder, detect, settings_hash(detect, *parents), source))
+        steps.append(Step("detect", attack, detector, seed, folder, detect, step_fingerprint(detect, *parents), source))
     return steps
 
 
