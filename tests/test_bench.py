@@ -143,6 +143,37 @@ def test_a_killed_bench_resumes_to_the_same_results(smoke_bench, tmp_path, capsy
         assert float(row["seconds"]) == read_json(out / row["folder"] / "results.json")["seconds"], row["folder"]
 
 
+# the parallel executors run half of the grid: its steps are the serial grid's, so their rows must be too
+PARALLEL = [*SMOKE, "--attacks", "blended"]
+
+
+def _rows_of(path: Path, attack: str) -> list[dict]:
+    return [row for row in _without_timing(path) if row["attack"] == attack]
+
+
+def _assert_serial_rows(out: Path, serial: Path) -> None:
+    for table in ("results.csv", "detections.csv"):
+        assert _without_timing(out / table) == _rows_of(serial / table, "blended"), table
+    assert (out / "cells/blended/none/seed0/log.txt").read_text().count("epoch ") >= 3  # a step's lines, in its folder
+
+
+def test_two_local_workers_give_the_serial_tables(smoke_bench, tmp_path, capsys):
+    """Steps run in two processes, each repair and model-based detection once its `none` model exists: the same
+    rows as the serial run's, seconds aside."""
+    out = tmp_path / "local"
+    code, _, err = run_cli(capsys, *PARALLEL, "--executor", "local", "--workers", "2", "--out", str(out))
+    assert code == 0, err
+    _assert_serial_rows(out, smoke_bench)
+
+
+def test_ray_with_two_workers_gives_the_serial_tables(smoke_bench, tmp_path, capsys):
+    pytest.importorskip("ray")
+    out = tmp_path / "ray"
+    code, _, err = run_cli(capsys, *PARALLEL, "--executor", "ray", "--workers", "2", "--out", str(out))
+    assert code == 0, err
+    _assert_serial_rows(out, smoke_bench)
+
+
 def test_a_finished_bench_is_skipped_and_other_settings_are_refused(smoke_bench, capsys):
     code, printed, err = run_cli(capsys, *SMOKE, "--out", str(smoke_bench))
     assert code == 0 and "24 of 24 steps already finished" in err and "badnets" in printed
@@ -206,6 +237,12 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
         (["--suite", "smoke", "--set", "by_defense.vab.train.epochs=0"], "train.epochs must be in [1, inf]"),
         (["--suite", "smoke", "--set", "probe.size=500"], "probe.size 500 leaves no test images"),
         (["--suite", str(tmp_path / "missing.toml")], "config file not found"),
+        (["--suite", "smoke", "--workers", "2"], "--workers needs --executor local or ray"),
+        (["--suite", "smoke", "--executor", "local", "--workers", "0"], "workers must be in [1, inf]"),
+        (["--suite", "smoke", "--executor", "local", "--cell-gpus", "1"], "--cell-gpus need --executor ray"),
+        (["--suite", "smoke", "--executor", "ray", "--cell-cpus", "0"], "cell_cpus must be in [0.01, inf]"),
+        (["--suite", "smoke", "--executor", "local", "--retries", "-1"], "retries must be in [0, inf]"),
+        (["--suite", "smoke", "--executor", "cluster"], "invalid choice: 'cluster'"),
     ]
     for flags, message in cases:
         code, _, err = run_cli(capsys, "bench", *flags, "--out", str(tmp_path / "out"))
@@ -276,3 +313,14 @@ def test_a_stored_poisoned_set_reads_back_exactly(tmp_path):
     assert loaded.manifest == poisoned.manifest and int(poisoned.cross_mask.sum()) > 0
     (tmp_path / key / "images.npy").write_bytes(b"damaged")
     assert load_poisoned(tmp_path / key, key, bundle.train) is None  # rebuilt, not trusted
+
+
+def test_a_second_bench_on_a_busy_folder_is_refused(tmp_path, capsys):
+    """No step may run twice at once: the folder is held for the whole bench (see io.run_lock)."""
+    from bdguard.io import run_lock
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    with run_lock(out):
+        code, _, err = run_cli(capsys, *SMOKE, "--out", str(out))
+    assert_one_line_error(code, err, "is being written by another bdguard process")

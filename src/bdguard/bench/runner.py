@@ -1,56 +1,30 @@
-"""The run behind `bdguard bench`: every step of the grid in turn, finished ones skipped, one progress display.
+"""The run behind `bdguard bench`: the grid of a suite planned, checked against what its folder already holds,
+its unfinished steps run by an executor (`executors.py`), and the tables rewritten after every step.
 
-Cells run in this process through the same functions as the commands (`run_train`, `run_repair`, `run_poison`,
-`run_analyze`), so a cell's folder is exactly what its command would write. A killed bench resumes where it
-stopped: finished steps (cell.json present) are skipped, a training cell continues from its last epoch's
-checkpoint, and a repair or analysis starts again (they take minutes, not hours). A step that fails is recorded
-(error.txt in its folder, a `failed` row) and the grid goes on; re-running retries it.
+A killed bench resumes where it stopped: finished steps (cell.json present) are skipped and the others run again
+(`execute.py` says how far each one resumes). A step that fails is recorded (error.txt in its folder, a `failed`
+row) and the grid goes on; re-running retries it.
 """
 
 from __future__ import annotations
 
-import time
-import traceback
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from bdguard.attacks import build_attack
 from bdguard.bench.config import BenchConfig
-from bdguard.bench.grid import DONE, POISON_STORE, SETTINGS, Step, cell_order, plan
-from bdguard.bench.results import (
-    COLUMNS,
-    DETECTION_COLUMNS,
-    cell_row,
-    detection_row,
-    failed_row,
-    summarise,
-    write_csv,
-)
+from bdguard.bench.execute import ERROR, finished, relative, write_settings
+from bdguard.bench.executors import ExecutorConfig, run_steps
+from bdguard.bench.grid import DONE, Step, cell_order, plan
+from bdguard.bench.results import COLUMNS, DETECTION_COLUMNS, failed_row, summarise, write_csv
 from bdguard.config import to_dict
 from bdguard.data import load_dataset
 from bdguard.errors import BdguardError
-from bdguard.io import read_json, write_json, write_text
+from bdguard.io import read_json, run_lock, write_json
 from bdguard.progress import grid_progress, log
-from bdguard.runs.common import environment
-from bdguard.runs.detect import run_detect
-from bdguard.runs.poison import run_poison
-from bdguard.runs.repair import TEST_HOLDOUT, run_repair
-from bdguard.runs.train import run_train
+from bdguard.runs.common import MODEL, environment
+from bdguard.runs.repair import TEST_HOLDOUT
 from bdguard.training.runtime import CHECKPOINT
-
-ERROR = "error.txt"
-
-
-def _write_settings(path: Path, config: Any) -> None:
-    write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))
-
-
-def _finished(step: Step) -> bool:
-    if not (step.folder / DONE).exists():
-        return False
-    return step.analysis is None or (step.folder / "analysis" / "analysis.json").exists()
 
 
 def check_folders(steps: list[Step]) -> None:
@@ -80,52 +54,6 @@ def preflight(config: BenchConfig) -> None:
         raise BdguardError(f"probe.size {size} leaves no test images to evaluate on ({bundle.name} has {test})")
 
 
-def _run_step(step: Step, out: Path, quiet: bool) -> dict[str, Any]:
-    """Run one step (its missing parts) and return its results."""
-    store = out / POISON_STORE
-    step.folder.mkdir(parents=True, exist_ok=True)
-    _write_settings(step.folder / SETTINGS, step.config)
-    if step.kind == "poison":
-        return run_poison(step.config, step.folder, quiet=quiet, poison_store=store)
-    if step.kind == "detect":
-        if step.source is not None and not step.source.exists():
-            raise BdguardError(f"the model it inspects, {step.source}, is missing: its `none` cell did not finish")
-        return run_detect(step.config, step.folder, step.source, quiet=quiet, poison_store=store)
-    results_file = step.folder / "results.json"
-    if results_file.exists():  # the run finished before an interruption; only what follows it is missing
-        results = read_json(results_file)
-    elif step.kind == "train":
-        results = run_train(step.config, step.folder, resume=True, quiet=quiet, poison_store=store)
-    else:
-        if not step.source.exists():
-            raise BdguardError(f"the model it repairs, {step.source}, is missing: its `none` cell did not finish")
-        results = run_repair(step.config, step.source, step.folder, quiet=quiet)
-    if step.analysis is not None:
-        from bdguard.runs.analyze import run_analyze  # imported here: it draws with matplotlib
-
-        folder = step.folder / "analysis"
-        folder.mkdir(parents=True, exist_ok=True)
-        _write_settings(folder / SETTINGS, step.analysis)
-        run_analyze(step.analysis, step.folder / "model.safetensors", folder, quiet=quiet)
-    return results
-
-
-def _message(step: Step, results: dict[str, Any]) -> str:
-    if step.kind == "poison":
-        return f"{step.label}: {results['poisoned']} poisoned samples"
-    if step.kind == "detect":
-        auroc = (results["metrics"] or {}).get("auroc")
-        return f"{step.label}: AUROC {'-' if auroc is None else f'{auroc:.3f}'}, flagged {results['flagged']}"
-    parts = [f"BA {results['ba']:.3f}"]
-    if results.get("asr") is not None:
-        parts.append(f"ASR {results['asr']:.3f}")
-    return f"{step.label}: {'  '.join(parts)}"
-
-
-def _relative(path: Path, out: Path) -> str:
-    return path.relative_to(out).as_posix()
-
-
 def collect(config: BenchConfig, steps: list[Step], out: Path, kind: str = "cell") -> list[dict]:
     """The rows of the cells (or, with kind="detect", the detections) finished or failed so far, in the grid's
     order."""
@@ -133,7 +61,7 @@ def collect(config: BenchConfig, steps: list[Step], out: Path, kind: str = "cell
     for step in steps:
         if not (step.is_cell if kind == "cell" else step.kind == "detect"):
             continue
-        folder = _relative(step.folder, out)
+        folder = relative(step.folder, out)
         if (step.folder / DONE).exists():
             rows.append(read_json(step.folder / DONE)["row"])
         elif (step.folder / ERROR).exists():
@@ -168,63 +96,44 @@ def write_results(config: BenchConfig, steps: list[Step], out: Path) -> dict[str
     return data
 
 
-def run_bench(config: BenchConfig, out: str | Path, quiet: bool = False) -> dict[str, Any]:
+def run_bench(
+    config: BenchConfig, out: str | Path, quiet: bool = False, executor: ExecutorConfig | None = None
+) -> dict[str, Any]:
     """Run every step of the grid of `config` not finished yet in `out`, and write out/results.csv,
-    out/summary.csv and out/results.json; returns what results.json holds."""
+    out/summary.csv and out/results.json; returns what results.json holds. `executor` says where the steps run
+    (default: one after another in this process); the folders and tables are the same whichever runs them."""
+    executor = executor or ExecutorConfig()
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise BdguardError(f"--out {out} exists and is not a folder")
-    if (out / CHECKPOINT).exists() or (out / "model.safetensors").exists():
+    if (out / CHECKPOINT).exists() or (out / MODEL).exists():
         raise BdguardError(f"{out} holds a training run: choose another --out for bench")
+    if executor.kind == "ray":
+        out = out.resolve()  # the workers may start elsewhere; the folder must be one they all see
     steps = plan(config, out)
     check_folders(steps)
     preflight(config)
     out.mkdir(parents=True, exist_ok=True)
-    _write_settings(out / "suite.yaml", config)
-    write_json(
-        out / "bench.json",
-        {
-            "suite": config.name,
-            "steps": [{"label": s.label, "folder": _relative(s.folder, out), "commands": s.commands()} for s in steps],
-            "rerun": f"bdguard bench --suite {out / 'suite.yaml'} --out {out}",
-            "environment": environment(),
-        },
-    )
-    finished = sum(_finished(step) for step in steps)
-    if finished:
-        log(f"bench {config.name}: {finished} of {len(steps)} steps already finished in {out}")
-    with grid_progress(f"bench {config.name}", len(steps), finished, quiet) as grid:
-        for step in steps:
-            if _finished(step):
-                continue
-            began = time.perf_counter()
-            (step.folder / ERROR).unlink(missing_ok=True)
-            try:
-                results = _run_step(step, out, quiet)
-            except Exception as exc:  # one failed cell must not cost the rest of a long grid
-                step.folder.mkdir(parents=True, exist_ok=True)
-                write_text(step.folder / ERROR, f"{type(exc).__name__}: {exc}\n\n{traceback.format_exc()}")
-                grid.finished(f"{step.label}: FAILED ({type(exc).__name__}: {exc}); see {step.folder / ERROR}")
-                write_results(config, steps, out)
-                continue
-            seconds = time.perf_counter() - began
-            record: dict[str, Any] = {
-                "kind": step.kind,
-                "attack": step.attack,
-                "defense": step.defense,
-                "seed": step.seed,
-                "fingerprint": step.fingerprint,
-                "commands": step.commands(),
-                "seconds": round(seconds, 2),
+    with run_lock(out):  # one bench per folder: no step runs twice at once
+        write_settings(out / "suite.yaml", config)
+        listing = [{"label": s.label, "folder": relative(s.folder, out), "commands": s.commands()} for s in steps]
+        write_json(
+            out / "bench.json",
+            {
+                "suite": config.name,
+                "steps": listing,
+                "rerun": f"bdguard bench --suite {out / 'suite.yaml'} --out {out}",
                 "environment": environment(),
-            }
-            if step.is_cell:
-                folder = _relative(step.folder, out)
-                record["row"] = cell_row(step.attack, step.defense, step.seed, results, folder)
-            elif step.kind == "detect":
-                folder = _relative(step.folder, out)
-                record["row"] = detection_row(step.attack, step.defense, step.seed, results, folder)
-            write_json(step.folder / DONE, record)
-            grid.finished(_message(step, results))
-            write_results(config, steps, out)
-    return write_results(config, steps, out)
+            },
+        )
+        done = sum(finished(step) for step in steps)
+        if done:
+            log(f"bench {config.name}: {done} of {len(steps)} steps already finished in {out}")
+        with grid_progress(f"bench {config.name}", len(steps), done, quiet) as grid:
+
+            def step_done(message: str) -> None:
+                grid.finished(message)
+                write_results(config, steps, out)
+
+            run_steps(executor, steps, out, quiet, step_done)
+        return write_results(config, steps, out)

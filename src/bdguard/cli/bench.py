@@ -17,8 +17,13 @@ copy of one, a TOML/YAML file) and write to --out:
   summary.csv                mean and std over seeds per (attack, defense); also in results.json
   cells/ATTACK/DEFENSE/seedK  each cell's run folder (as `bdguard train` or `prune` writes it) and cell.json
   poison/ATTACK              each attack's poisoning gallery
+  detections.csv             with the suite's detectors: one row per (attack, detector, seed)
 Post-training defenses repair the undefended (`none`) model of the same attack and seed. Re-running the same
-command skips finished cells and resumes a killed one. Then: bdguard report DIR --out report.html"""
+command skips finished cells and resumes a killed one; a second bench on the same folder is refused.
+--executor local --workers N runs the steps in N processes on this machine, --executor ray as Ray tasks (each
+repair or model-based detection once its model exists; --out must then be on a file system every node sees): the
+same folders and tables, and each step's log lines in its folder's log.txt.
+Then: bdguard report DIR --out report.html"""
 
 
 def _names(text: str) -> list[str]:
@@ -44,6 +49,8 @@ def bench_overrides(args: argparse.Namespace) -> dict[str, Any]:
         tree["attacks"] = _names(args.attacks)
     if args.defenses:
         tree["defenses"] = _names(args.defenses)
+    if args.detectors is not None:  # --detectors "" runs none
+        tree["detectors"] = _names(args.detectors) if args.detectors.strip() else []
     if args.seeds:
         tree["seeds"] = _seeds(args.seeds)
     for flag, dotted in (("data_root", "data.data_root"), ("device", "train.device"), ("threads", "train.threads")):
@@ -55,10 +62,18 @@ def bench_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from bdguard.bench import load_suite, run_bench
+    from bdguard.bench import ExecutorConfig, load_suite, run_bench
 
+    executor = ExecutorConfig(
+        kind=args.executor,
+        workers=args.workers,
+        address=args.address,
+        cell_cpus=args.cell_cpus,
+        cell_gpus=args.cell_gpus,
+        retries=args.retries,
+    )
     config = load_suite(args.suite, bench_overrides(args))
-    results = run_bench(config, args.out, quiet=args.quiet)
+    results = run_bench(config, args.out, quiet=args.quiet, executor=executor)
     _print_matrix(results)
     _print_detections(results["detections"])
     out = Path(args.out)
@@ -138,11 +153,26 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--suite", required=True, help="smoke, cpu, cifar-cpu, paper, or the path of a suite file")
     parser.add_argument("--attacks", help="comma-separated attacks, instead of the suite's")
     parser.add_argument("--defenses", help="comma-separated defenses, instead of the suite's")
+    parser.add_argument("--detectors", help="comma-separated poisoned-sample detectors, instead of the suite's")
     parser.add_argument("--seeds", help="N (seeds 0..N-1) or a comma-separated list, instead of the suite's")
     parser.add_argument("--data-root", help="where the data set is: a folder or archive")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (default: the suite's)")
     parser.add_argument("--threads", help="CPU threads for torch (default: the suite's)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="any suite setting by its full path")
     parser.add_argument("--out", required=True, help="bench folder (re-run with the same one to resume)")
+    parser.add_argument(
+        "--executor",
+        choices=("serial", "local", "ray"),
+        default="serial",
+        help="serial: one step after another in this process (default); local: --workers processes on this "
+        "machine; ray: Ray tasks on a cluster (pip install 'bdguard[ray]')",
+    )
+    parser.add_argument(
+        "--workers", type=int, help="steps at once (local: default 2; ray: default as the resources allow)"
+    )
+    parser.add_argument("--address", help="ray: the cluster's address (default: $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--cell-cpus", type=float, default=1.0, help="ray: CPUs per step, its torch threads (1)")
+    parser.add_argument("--cell-gpus", type=float, default=0.0, help="ray: GPUs per step (0)")
+    parser.add_argument("--retries", type=int, default=2, help="runs again of a step whose worker died (2)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars, only plain log lines")
     parser.set_defaults(handler=_bench)
