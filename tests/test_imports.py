@@ -53,7 +53,7 @@ def test_a_new_file_in_a_registry_package_registers_itself(tmp_path, monkeypatch
 
 # docs/design.md's layout, bottom up: a package may import only packages of its own layer or below
 LAYERS = [
-    {"errors", "config", "io", "registry", "progress", "hashing", "plotting", "stats"},
+    {"errors", "config", "io", "registry", "progress", "hashing", "plotting", "stats", "distributed"},
     {"data"},
     {"models"},
     {"training"},

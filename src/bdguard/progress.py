@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from bdguard.distributed import environment_rank
+
 _console = Console(stderr=True)
 _live: Progress | None = None  # the grid's display, which loops' bars join while it is open
 
@@ -25,14 +27,21 @@ def number(value: float | None, digits: int = 3) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
+def _speaking() -> bool:
+    """Under torchrun only the main rank prints (RANK is set before any process group exists)."""
+    return environment_rank() == 0
+
+
 def log(message: str) -> None:
     """One plain line on stderr (stdout is kept for results)."""
-    print(message, file=sys.stderr, flush=True)
+    if _speaking():
+        print(message, file=sys.stderr, flush=True)
 
 
 def showing_bars(quiet: bool) -> bool:
-    """Whether bars are drawn: not when quiet, nor when stderr is no terminal (a log file, a pipe, CI)."""
-    return not quiet and _console.is_terminal
+    """Whether bars are drawn: not when quiet, nor when stderr is no terminal (a log file, a pipe, CI), nor on the
+    ranks of a torchrun job other than the main one."""
+    return not quiet and _console.is_terminal and _speaking()
 
 
 def _progress(transient: bool) -> Progress:

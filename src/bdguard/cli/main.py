@@ -8,7 +8,7 @@ import sys
 import threading
 from pathlib import Path
 
-from bdguard import __version__
+from bdguard import __version__, distributed
 from bdguard.cli import listing
 from bdguard.cli.analyze import add_analyze_parser
 from bdguard.cli.bench import add_bench_parser
@@ -71,7 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return args.handler(args)
     except BdguardError as exc:
-        print(f"bdguard: error: {exc}", file=sys.stderr)
+        _report(exc)
+        return 2
+    except RuntimeError as exc:
+        if not distributed.lost_peer(exc):
+            raise
+        _report("lost another rank (it failed or was stopped); finished files are kept (continue with --resume)")
         return 2
     except KeyboardInterrupt as exc:
         what = "terminated" if isinstance(exc, Terminated) else "interrupted"
@@ -80,6 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
+        distributed.stop()
+
+
+def _report(exc: BdguardError | str) -> None:
+    """The error's one line. Under torchrun: before the ranks meet every rank fails alike and the main one says
+    so; after, the rank that failed says so, naming itself (the launcher then stops the others)."""
+    if distributed.active():
+        print(f"bdguard: error: rank {distributed.rank()} of {distributed.world()}: {exc}", file=sys.stderr)
+    elif distributed.environment_rank() == 0:
+        print(f"bdguard: error: {exc}", file=sys.stderr)
 
 
 if __name__ == "__main__":  # python -m bdguard.cli.main

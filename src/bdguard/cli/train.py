@@ -12,7 +12,8 @@ def _train(args: argparse.Namespace) -> int:
     from bdguard.runs.train import run_train
 
     results = run_train(run_config(args, primary="attack"), args.out, resume=args.resume, quiet=args.quiet)
-    _print_results(results, Path(args.out))
+    if results:  # under torchrun, only the main rank's run has results to show
+        _print_results(results, Path(args.out))
     return 0
 
 

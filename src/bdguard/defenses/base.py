@@ -107,6 +107,9 @@ class Defense(ABC):
 
 class TrainingDefense(Defense):
     stage = "training"
+    # trains data-parallel under torchrun (bdguard.distributed): every loop shards its batches and only the main
+    # rank writes; a defense that does not is refused there, not run N times over
+    data_parallel: ClassVar[bool] = False
 
     @abstractmethod
     def train(self, job: TrainingJob) -> DefenseResult:

@@ -12,6 +12,7 @@ from bdguard.training.trainer import Trainer, fit, make_augment
 class NoDefense(TrainingDefense):
     name = "none"
     description = "plain training on the (possibly poisoned) training set"
+    data_parallel = True
 
     def train(self, job: TrainingJob) -> DefenseResult:
         model = job.new_model()

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from bdguard import __version__
+from bdguard import __version__, distributed
 from bdguard.attacks import Attack, AttackConfig, AttackContext, build_attack, check_attack
 from bdguard.attacks.store import load_poisoned, poison_key, store_poisoned
 from bdguard.config import from_dict
@@ -30,10 +30,11 @@ RESULTS = "results.json"
 
 
 def use_device(train: TrainConfig) -> torch.device:
-    """The run's device, with torch's CPU threads set as the settings ask."""
+    """The run's device, with torch's CPU threads set as the settings ask; under torchrun this rank's device, in
+    the launcher's process group."""
     if train.threads:
         torch.set_num_threads(train.threads)
-    return resolve_device(train.device)
+    return distributed.start(resolve_device(train.device))
 
 
 def environment() -> dict[str, Any]:
@@ -43,6 +44,7 @@ def environment() -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": f"{platform.machine()} {platform.system()}, {torch.get_num_threads()} torch threads",
+        "processes": distributed.world(),  # data-parallel ranks (torchrun)
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "command": shlex.join(["bdguard", *sys.argv[1:]]),
     }

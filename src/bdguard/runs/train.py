@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from bdguard import distributed
 from bdguard.attacks import AttackConfig, AttackContext, build_attack
 from bdguard.config import from_dict, to_dict
 from bdguard.data import DataConfig
@@ -65,31 +66,38 @@ def run_train(
     defense = build_defense(config.defense)
     if not isinstance(defense, TrainingDefense):
         raise BdguardError(f"defense {defense.name} acts on a trained model: use `bdguard repair`, not `train`")
+    if distributed.launched() and not defense.data_parallel:
+        raise BdguardError(f"defense {defense.name} does not train data-parallel: run it without torchrun")
     # unknown names fail before the data set loads
     check_before_loading(config.data, config.attack)
     MODELS.get(config.train.model)
+    if not resume and (out / CHECKPOINT).exists():
+        raise BdguardError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    device = use_device(config.train)  # under torchrun: joins the other ranks, which must all get here
+    if not distributed.is_main():
+        return _train(config, defense, device, out, resume, quiet, poison_store)
     check_writable(out)  # before minutes of decoding and training, not after
     with run_lock(out):
-        if not resume and (out / CHECKPOINT).exists():
-            raise BdguardError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-        return _train(config, defense, out, resume, quiet, poison_store)
+        return _train(config, defense, device, out, resume, quiet, poison_store)
 
 
 def _train(
     config: RunConfig,
     defense: TrainingDefense,
+    device: torch.device,
     out: Path,
     resume: bool,
     quiet: bool,
     poison_store: str | Path | None,
 ) -> dict[str, Any]:
-    device = use_device(config.train)
     clock = RunClock()
-    bundle, attack, poisoned, triggered = poisoned_data(config.data, config.attack, device, quiet, poison_store)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", {"config": to_dict(config), "environment": environment()})
-    write_json(out / "attack.json", poisoned.manifest)
-    write_array(out / "poison_mask.npy", poisoned.poison_mask)
+    with distributed.main_first():  # the others read the data and the poisoned set the main rank cached
+        bundle, attack, poisoned, triggered = poisoned_data(config.data, config.attack, device, quiet, poison_store)
+    if distributed.is_main():  # the one rank that writes
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", {"config": to_dict(config), "environment": environment()})
+        write_json(out / "attack.json", poisoned.manifest)
+        write_array(out / "poison_mask.npy", poisoned.poison_mask)
 
     def evaluate_model(model: torch.nn.Module) -> dict[str, Any]:
         return evaluate(model, bundle.test, triggered, config.train.eval_batch_size, config.train.amp)
@@ -109,6 +117,8 @@ def _train(
         clock=clock,
     )
     result = defense.train(job)
+    if not distributed.is_main():
+        return {}  # the main rank evaluates, saves and reports the model all ranks trained
     model = result.model
     extra_meta = {"attack": to_dict(config.attack), "defense": to_dict(config.defense), "train": to_dict(config.train)}
     meta = model_meta(bundle, config.train, extra_meta)

@@ -1,5 +1,6 @@
 """The one training loop: shuffled batches from a device tensor, batched augmentation, per-epoch
-evaluation, a checkpoint after every epoch and an exact resume from it."""
+evaluation, a checkpoint after every epoch and an exact resume from it; data-parallel under torchrun
+(`bdguard.distributed`), where each rank trains on its share of every batch and only the main rank writes."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from bdguard import distributed
 from bdguard.data.augment import Augment
 from bdguard.data.base import ImageSet
 from bdguard.progress import log, progress_bar
@@ -39,50 +41,51 @@ class Trainer:
     # (logits, labels) -> the batch's loss; None: cross-entropy with the config's label smoothing
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     runtime: Runtime = field(init=False)
+    network: torch.nn.Module = field(init=False)  # what trains: `model`, in DistributedDataParallel under torchrun
     optimizer: torch.optim.Optimizer = field(init=False)
     scheduler: Any = field(init=False)
 
     def __post_init__(self) -> None:
         self.runtime = Runtime(self.device, self.config.amp, self.config.channels_last)
         self.runtime.prepare(self.model)
+        self.network = distributed.wrap(self.model, self.device)
         self.optimizer = make_optimizer(self.model.parameters(), self.config)
         self.scheduler = make_scheduler(self.optimizer, self.config, self.steps)
-
-    def inputs(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """uint8 batch -> (augmented) float batch in the model's memory format."""
-        if self.augment is not None and generator is not None:
-            images = self.augment(images, generator)
-        return self.runtime.inputs(images)
 
     def train_epoch(self, data: ImageSet, epoch: int, quiet: bool = False) -> dict[str, float]:
         self.model.train()
         generator = epoch_generator(self.config.seed, epoch, self.device)
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device)
+        seen = 0
         with progress_bar(f"epoch {epoch}/{self.config.epochs}", self.steps, quiet) as bar:
             for step, idx in enumerate(batch_indices(len(data), self.config.batch_size, generator)):
-                x = self.inputs(data.images[idx], generator)
-                y = data.labels[idx]
+                images = data.images[idx]
+                if self.augment is not None:  # the whole batch on every rank: their generators stay in step
+                    images = self.augment(images, generator)
+                part, factor = distributed.split(idx.numel())
+                x, y = self.runtime.inputs(images[part]), data.labels[idx][part]
                 with self.runtime.autocast():
-                    logits = self.model(x)
+                    logits = self.network(x)
                     if self.loss is None:
                         loss = F.cross_entropy(logits, y, label_smoothing=self.config.label_smoothing)
                     else:
                         loss = self.loss(logits, y)
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss * factor).backward()
                 self.optimizer.step()
                 self.scheduler.step()
                 loss_sum += loss.detach() * y.shape[0]
                 correct += (logits.argmax(1) == y).sum()
+                seen += y.shape[0]
                 if step % 20 == 0:  # reading the loss syncs the device: not every step
-                    seen = min((step + 1) * self.config.batch_size, len(data))
                     bar.update(1, loss=float(loss_sum) / seen)
                 else:
                     bar.update(1)
-        loss = float(loss_sum) / len(data)
+        totals = distributed.all_sum(torch.stack([loss_sum, correct.to(loss_sum.dtype)]))
+        loss = float(totals[0]) / len(data)
         check_finite(loss, f"epoch {epoch}", f"the learning rate (train.lr = {self.config.lr:g})")
-        return {"loss": loss, "train_acc": float(correct) / len(data)}
+        return {"loss": loss, "train_acc": float(totals[1]) / len(data)}
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -130,11 +133,12 @@ def fit(
         row: dict[str, Any] = {"epoch": epoch, "lr": trainer.optimizer.param_groups[0]["lr"]}
         row.update(trainer.train_epoch(data, epoch, quiet))
         row["train_seconds"] = time.perf_counter() - began
-        row.update(evaluate(trainer.model))
+        if distributed.is_main():  # the one rank that reports; the others go on to the next epoch
+            row.update(evaluate(trainer.model))
         row["seconds"] = time.perf_counter() - began
         history.append(row)
         log(_summary(row, config.epochs))
-        if checkpoint is not None:
+        if checkpoint is not None and distributed.is_main():
             checkpoint.save({"trainer": trainer.state_dict(), "epoch": epoch, "history": history}, clock)
     return history
 

@@ -4,16 +4,20 @@ that takes a flagged sample back into C.
 
 As in the reference code, the no-grad attention pass runs in train mode and, with two views, mixed batches go
 through the network in two halves, so BatchNorm sees the same batches as there.
+
+Under torchrun every rank draws the whole batch and its augmentation from the shared generator and trains on its
+share (`bdguard.distributed`); AttentionMix then pairs images within a rank's share, from that rank's own generator.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from bdguard import distributed
 from bdguard.data.augment import Augment
 from bdguard.data.base import ImageSet
 from bdguard.defenses.vab.attention_mix import attention_map, attention_mix
@@ -37,12 +41,17 @@ class Beneficiary:
     num_classes: int
     params: VabParams
     runtime: Runtime
+    network: torch.nn.Module = field(init=False)  # what trains: `model`, in DistributedDataParallel under torchrun
 
-    def views(self, images: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
-        """`params.views` independently augmented float views of a uint8 batch."""
+    def __post_init__(self) -> None:
+        self.network = distributed.wrap(self.model, self.runtime.device)
+
+    def views(self, images: torch.Tensor, generator: torch.Generator, part: slice = slice(None)) -> list[torch.Tensor]:
+        """`params.views` independently augmented float views of a uint8 batch, each cut to `part` (this rank's
+        share) after the whole batch is augmented, so every rank draws the same numbers."""
         if self.augment is None:
-            return [self.runtime.inputs(images)] * self.params.views
-        return [self.runtime.inputs(self.augment(images, generator)) for _ in range(self.params.views)]
+            return [self.runtime.inputs(images[part])] * self.params.views
+        return [self.runtime.inputs(self.augment(images, generator)[part]) for _ in range(self.params.views)]
 
     def mixed_loss(
         self, views: list[torch.Tensor], targets: torch.Tensor, generator: torch.Generator
@@ -75,7 +84,7 @@ class Beneficiary:
             region = region * chosen.numel() / n
         images = self.runtime.layout(images)
         with self.runtime.autocast():
-            logits = torch.cat([self.model(part) for part in images.split(views[0].shape[0])])
+            logits = torch.cat([self.network(part) for part in images.split(views[0].shape[0])])
         return soft_cross_entropy(logits, targets), region
 
     def step(self, loss: torch.Tensor, lr: float) -> None:
@@ -101,22 +110,25 @@ def stage_a_epoch(
     n = credible.numel()
     if n == 0:
         return {"loss": None, "mixed_region": None}
-    loss_sum = torch.zeros((), device=ben.runtime.device)
-    region_sum = torch.zeros((), device=ben.runtime.device)
+    own = distributed.own_generator(generator)
+    sums = torch.zeros(2, device=ben.runtime.device)  # loss, mixed region
     steps = steps_per_epoch(n, ben.batch_size)
     with progress_bar(label, steps, ben.runtime.quiet) as bar:
         for step, batch in enumerate(batch_indices(n, ben.batch_size, generator)):
+            part, factor = distributed.split(batch.numel())
             chosen = credible[batch]
-            views = ben.views(data.images[chosen], generator)
+            views = ben.views(data.images[chosen], generator, part)
+            chosen = chosen[part]
             targets = F.one_hot(data.labels[chosen], ben.num_classes).float()
             if victim_logits is not None:
                 targets = suppress(targets, victim_beliefs(victim_logits[chosen], ben.params.temperature))
-            loss, region = ben.mixed_loss(views, targets.repeat(len(views), 1), generator)
-            ben.step(loss, lr(step / steps))
-            loss_sum += loss.detach()
-            region_sum += region
-            _advance(bar, step, loss_sum)
-    return {"loss": float(loss_sum) / steps, "mixed_region": float(region_sum) / steps}
+            loss, region = ben.mixed_loss(views, targets.repeat(len(views), 1), own)
+            ben.step(loss * factor, lr(step / steps))
+            sums[0] += loss.detach()
+            sums[1] += region
+            _advance(bar, step, sums[0])
+    means = (distributed.all_sum(sums) / (steps * distributed.world())).tolist()
+    return {"loss": means[0], "mixed_region": means[1]}
 
 
 @dataclass
@@ -148,60 +160,75 @@ def stage_b_epoch(
     ben.model.train()
     n_c, n_s = credible.numel(), suspicious.numel()
     num_iter = n_c // ben.batch_size + 1
+    own = distributed.own_generator(generator)
     labelled = cycle_batches(n_c, ben.batch_size, generator) if n_c else None
     unlabelled = cycle_batches(n_s, max(1, n_s // num_iter), generator) if n_s else None
     weight = torch.full((len(data),), float("nan"), device=runtime.device)
     pseudo = torch.full((len(data),), -1, dtype=torch.long, device=runtime.device)
-    sums = torch.zeros(3, device=runtime.device)  # loss, L_mix, L_u
-    region_sum = torch.zeros((), device=runtime.device)
+    sums = torch.zeros(4, device=runtime.device)  # loss, L_mix, L_u, mixed region
     with progress_bar(label, num_iter, runtime.quiet) as bar:
         for step in range(num_iter):
             loss = torch.zeros((), device=runtime.device)
             if unlabelled is not None:
-                chosen_u = suspicious[next(unlabelled)]
-                logits_u, guessed = _unlabelled_forward(ben, data.images[chosen_u], generator)
+                batch = next(unlabelled)
+                part, factor = distributed.split(batch.numel())
+                chosen_u = suspicious[batch]
+                logits_u, guessed = _unlabelled_forward(ben, data.images[chosen_u], generator, part)
+                chosen_u = chosen_u[part]
                 targets_u = suppress(guessed, victim_beliefs(victim_logits[chosen_u], params.temperature))
                 loss_u = soft_cross_entropy(logits_u, targets_u.repeat(params.views, 1))
-                loss = loss + alpha * loss_u
+                loss = loss + alpha * loss_u * factor
                 sums[2] += loss_u.detach()
                 pseudo[chosen_u] = guessed.argmax(dim=1)
             if labelled is not None:
-                chosen = credible[next(labelled)]
-                views = ben.views(data.images[chosen], generator)
+                batch = next(labelled)
+                part, factor = distributed.split(batch.numel())
+                chosen = credible[batch]
+                views = ben.views(data.images[chosen], generator, part)
+                chosen = chosen[part]
                 beliefs = victim_beliefs(victim_logits[chosen], params.temperature)
                 targets = suppress(F.one_hot(data.labels[chosen], ben.num_classes).float(), beliefs)
-                loss_mix, region = ben.mixed_loss(views, targets.repeat(len(views), 1), generator)
-                loss = loss + loss_mix
+                loss_mix, region = ben.mixed_loss(views, targets.repeat(len(views), 1), own)
+                loss = loss + loss_mix * factor
                 sums[1] += loss_mix.detach()
-                region_sum += region
+                sums[3] += region
                 weight[chosen] = targets.sum(dim=1)  # one-hot minus beliefs, clipped: 1 - q_label at the label
             ben.step(loss, lr(step / num_iter))
             sums[0] += loss.detach()
             _advance(bar, step, sums[0])
-    means = (sums / num_iter).tolist()
+    means = (distributed.all_sum(sums) / (num_iter * distributed.world())).tolist()
     metrics = {
         "loss": means[0],
         "loss_mix": means[1] if n_c else None,
         "loss_u": means[2] if n_s else None,
-        "mixed_region": float(region_sum) / num_iter if n_c else None,
+        "mixed_region": means[3] if n_c else None,
     }
-    return StageBResult(metrics, weight, pseudo)
+    return StageBResult(metrics, *_seen_by_any_rank(weight, pseudo))
+
+
+def _seen_by_any_rank(weight: torch.Tensor, pseudo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each rank saw its share of the samples: the per-sample diagnostics of all of them (one process: as they are)."""
+    if distributed.world() == 1:
+        return weight, pseudo
+    seen = distributed.all_sum((~weight.isnan()).float())
+    total = distributed.all_sum(weight.nan_to_num(0.0))
+    return torch.where(seen > 0, total / seen.clamp(min=1), float("nan")), distributed.all_max(pseudo)
 
 
 def _unlabelled_forward(
-    ben: Beneficiary, images: torch.Tensor, generator: torch.Generator
+    ben: Beneficiary, images: torch.Tensor, generator: torch.Generator, part: slice
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The views' logits (with grad, view after view) and the hard pseudo-label of the mean of their softmax. With
     `reuse_logits` the pseudo-labels come from these very logits (the train-mode logits the reference computes
-    twice); without, from a separate no-grad pass first, as the reference does."""
-    views = ben.views(images, generator)
+    twice); without, from a separate no-grad pass first, as the reference does. Only this rank's `part`."""
+    views = ben.views(images, generator, part)
     if not ben.params.reuse_logits:
         with torch.no_grad(), ben.runtime.autocast():
             probs = [F.softmax(ben.model(u).float(), dim=1) for u in views]
     with ben.runtime.autocast():
-        logits = torch.cat([ben.model(u) for u in views])
+        logits = torch.cat([ben.network(u) for u in views])
     if ben.params.reuse_logits:
-        probs = list(F.softmax(logits.detach().float(), dim=1).split(images.shape[0]))
+        probs = list(F.softmax(logits.detach().float(), dim=1).split(views[0].shape[0]))
     return logits, pseudo_targets(*probs)
 
 
@@ -211,9 +238,12 @@ def label_agreement(
 ) -> torch.Tensor:
     """For the samples `index`: is their *given* label the network's prediction, with at least `confidence` softmax
     probability (eval mode, unaugmented)? A clean sample of an easy class that the Victim flagged passes; a
-    relabelled poisoned sample does not while the network has not learned its trigger."""
+    relabelled poisoned sample does not while the network has not learned its trigger. Under torchrun each rank
+    checks its part (with the main rank's BatchNorm statistics) and all get every answer."""
+    distributed.sync_buffers(model)
     was_training = model.training
     model.eval()
+    index = index[distributed.part_of(index.numel())]
     agree = torch.zeros(index.numel(), dtype=torch.bool, device=index.device)
     for start in range(0, index.numel(), batch_size):
         chosen = index[start : start + batch_size]
@@ -223,7 +253,7 @@ def label_agreement(
         sure = probs.gather(1, labels[:, None]).squeeze(1) >= confidence
         agree[start : start + batch_size] = (probs.argmax(dim=1) == labels) & sure
     model.train(was_training)
-    return agree
+    return distributed.gather(agree)
 
 
 def confirmed_labels(labels: torch.Tensor, agree: torch.Tensor, share: float) -> torch.Tensor:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from bdguard import distributed
 from bdguard.config import to_dict
 from bdguard.defenses.base import DefenseResult, Figure, TrainingDefense, TrainingJob, detector_summary
 from bdguard.defenses.registry import DEFENSES
@@ -55,6 +56,7 @@ class VabDefense(TrainingDefense):
     )
     Params = VabParams
     presets = {name: preset.params for name, preset in PRESETS.items()}
+    data_parallel = True  # both networks; the scoring passes are split over the ranks and gathered
 
     def train(self, job: TrainingJob) -> DefenseResult:
         return _VabRun(job, self.params).run()
@@ -101,6 +103,7 @@ class _VabRun:
             self.runtime,
         )
         self.victim = self.runtime.prepare(new_model(job.bundle, self.victim_config, job.device))
+        self.victim_network = distributed.wrap(self.victim, job.device)  # what trains (DDP under torchrun)
         self.victim_optimizer = torch.optim.Adam(
             self.victim.parameters(), lr=params.victim_lr, weight_decay=params.victim_weight_decay
         )
@@ -155,7 +158,7 @@ class _VabRun:
     def _train_victim(self, index: torch.Tensor, label: str) -> float | None:
         generator = epoch_generator(self.job.train.seed + 1, self.victim_epochs, self.job.device)
         loss = victim_epoch(
-            self.victim,
+            self.victim_network,
             self.victim_optimizer,
             self.data,
             index,
@@ -261,9 +264,11 @@ class _VabRun:
             self.seconds["victim"] += time.perf_counter() - began_victim
 
         began_eval = time.perf_counter()
-        row.update(self.job.evaluate(self.beneficiary.model))
         row["victim_ba"] = row["victim_asr"] = None
-        if self.params.evaluate_victim == "every" or epoch == schedule.epochs:
+        main = distributed.is_main()  # the one rank that evaluates and reports; the others go on
+        if main:
+            row.update(self.job.evaluate(self.beneficiary.model))
+        if main and (self.params.evaluate_victim == "every" or epoch == schedule.epochs):
             victim = self.job.evaluate(self.victim)
             row["victim_ba"], row["victim_asr"] = victim["ba"], victim["asr"]
         self.seconds["evaluation"] += time.perf_counter() - began_eval
@@ -271,12 +276,13 @@ class _VabRun:
         row["seconds"] = time.perf_counter() - began
         self.history.append(row)
         self.epoch = epoch
-        log(_epoch_summary(row, schedule.epochs))
+        if main:
+            log(_epoch_summary(row, schedule.epochs))
 
     # -- checkpoint and results --------------------------------------------------------------------------------
 
     def _save(self) -> None:
-        if self.checkpoint is None:
+        if self.checkpoint is None or not distributed.is_main():
             return
         state = {
             "epoch": self.epoch,
@@ -318,7 +324,7 @@ class _VabRun:
     def _finish(self) -> DefenseResult:
         returned = self._refine()  # the split the final Beneficiary would train on next
         run_dir = self.job.run_dir
-        if run_dir is not None:
+        if run_dir is not None and distributed.is_main():
             self._write_outputs(run_dir)
         last = self.history[-1]
         schedule = self.schedule

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from bdguard import distributed
 from bdguard.data.base import ImageSet
 from bdguard.progress import progress_bar
 from bdguard.training.runtime import Runtime, batch_indices, steps_per_epoch
@@ -29,37 +30,42 @@ def victim_epoch(
     label: str,
 ) -> float | None:
     """One epoch of plain cross-entropy on the samples `index` (shuffled, unaugmented); the mean loss, or None
-    when there is nothing to train on."""
+    when there is nothing to train on. `model` is the network that trains (under torchrun, in
+    DistributedDataParallel: each rank takes its part of every batch)."""
     if index.numel() == 0:
         return None
     model.train()
     loss_sum = torch.zeros((), device=runtime.device)
     with progress_bar(label, steps_per_epoch(index.numel(), batch_size), runtime.quiet) as bar:
         for batch in batch_indices(index.numel(), batch_size, generator):
-            chosen = index[batch]
+            part, factor = distributed.split(batch.numel())
+            chosen = index[batch][part]
             x = runtime.inputs(data.images[chosen])
             with runtime.autocast():
                 loss = F.cross_entropy(model(x), data.labels[chosen])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * factor).backward()
             optimizer.step()
             loss_sum += loss.detach() * chosen.numel()
             bar.update(1)
-    return float(loss_sum) / index.numel()
+    return float(distributed.all_sum(loss_sum)) / index.numel()
 
 
 @torch.no_grad()
 def victim_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int, runtime: Runtime) -> torch.Tensor:
     """The network's float logits for every image (eval mode, no augmentation), batched. A scoring round reads the
-    entropy from them, and stage B its suppression beliefs: the Victim does not change in between."""
+    entropy from them, and stage B its suppression beliefs: the Victim does not change in between. Under torchrun
+    each rank scores its part of the images (with the main rank's BatchNorm statistics) and all get every logit."""
+    distributed.sync_buffers(model)
     was_training = model.training
     model.eval()
+    mine = images[distributed.part_of(images.shape[0])]
     logits = []
-    for start in range(0, images.shape[0], batch_size):
+    for start in range(0, max(mine.shape[0], 1), batch_size):  # a rank with no images still returns (0, K)
         with runtime.autocast():
-            logits.append(model(runtime.inputs(images[start : start + batch_size])).float())
+            logits.append(model(runtime.inputs(mine[start : start + batch_size])).float())
     model.train(was_training)
-    return torch.cat(logits)
+    return distributed.gather(torch.cat(logits))
 
 
 def entropy_scores(logits: torch.Tensor) -> torch.Tensor:
