@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Scale-out figures of benchmarks/RESULTS.md (issue 17): the smoke suite's wall time serially, in 2 local worker
+# processes and as Ray tasks on a 2-CPU local Ray (the same tables each time), and an epoch of plain training and of
+# V&B on 20,000 Fashion-MNIST images in one process (2 threads) against two torchrun ranks (1 thread each). Run from
+# the repository root with bdguard[dev] installed, on an otherwise idle machine; it prints `real` times and BA/ASR.
+set -euo pipefail
+OUT=${OUT:-runs/scale-out}
+rm -rf "$OUT"
+time bdguard bench --suite smoke --out "$OUT/smoke-serial" --quiet
+time bdguard bench --suite smoke --executor local --workers 2 --out "$OUT/smoke-local2" --quiet
+time bdguard bench --suite smoke --executor ray --workers 2 --out "$OUT/smoke-ray2" --quiet
+
+RUN="train --dataset fashion-mnist --train-size 20000 --attack badnets --rate 0.1 --model small-cnn --epochs 2"
+RUN="$RUN --batch-size 128 --lr 0.05 --schedule onecycle --quiet"
+time bdguard $RUN --threads 2 --out "$OUT/none-1proc"
+time torchrun --standalone --nproc-per-node 2 -m bdguard $RUN --threads 1 --out "$OUT/none-2ranks"
+time bdguard $RUN --defense vab --threads 2 --out "$OUT/vab-1proc"
+time torchrun --standalone --nproc-per-node 2 -m bdguard $RUN --defense vab --threads 1 --out "$OUT/vab-2ranks"
