@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import bdguard
 from bdguard.io import read_json
-from cli_helpers import run_cli
+from cli_helpers import assert_one_line_error, run_cli
 
 EPOCHS = 4
 TRAIN = ["train", "--dataset", "synthetic", "--attack", "badnets", "--model", "small-cnn", "--epochs", str(EPOCHS)]
@@ -153,3 +153,13 @@ def test_a_defense_that_does_not_train_data_parallel_is_refused_in_one_line(tmp_
     code, _, err = _finish(_torchrun(tmp_path / "vab", "--defense", "abl"))
     assert code != 0
     assert _bdguard_lines(err) == ["bdguard: error: defense abl does not train data-parallel: run it without torchrun"]
+
+
+def test_commands_other_than_train_are_refused_under_torchrun(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    code, _, err = run_cli(capsys, "detect", "--dataset", "synthetic", "--detector", "spectral", "--out", str(tmp_path))
+    assert_one_line_error(code, err, "only `bdguard train` runs under torchrun, not `bdguard detect`")
+    monkeypatch.setenv("RANK", "1")  # the other ranks fail alike and say nothing
+    code, _, err = run_cli(capsys, "detect", "--dataset", "synthetic", "--detector", "spectral", "--out", str(tmp_path))
+    assert code == 2 and err == ""

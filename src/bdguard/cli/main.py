@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         args = build_parser().parse_args(argv)
+        if distributed.launched() and args.command != "train":  # the other commands would write N times over
+            raise BdguardError(f"only `bdguard train` runs under torchrun, not `bdguard {args.command}`")
         return args.handler(args)
     except BdguardError as exc:
         _report(exc)
