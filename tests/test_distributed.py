@@ -120,15 +120,6 @@ def test_a_rank_that_dies_stops_the_job_with_one_line_and_the_job_resumes(two_ra
     _same_weights(two_ranks, out)  # which also says that two 2-rank runs give the same weights
 
 
-def test_a_job_killed_whole_resumes_to_the_same_weights(two_ranks, tmp_path):
-    out = tmp_path / "killed"
-    _rank_killed_when_checkpointed(out, whole_job=True)
-    code, _, err = _finish(_torchrun(out, "--resume"))
-    assert code == 0, err
-    _same_weights(two_ranks, out)
-    assert read_json(out / "results.json")["ba"] == read_json(two_ranks / "results.json")["ba"]
-
-
 def test_vab_on_two_ranks_defends_like_one_process_and_resumes_exactly(tmp_path, capsys):
     """Both networks train data-parallel; the Victim's scoring and the label check are split over the ranks and
     gathered, so both ranks take the same split (a difference would hang or fail the job)."""
@@ -142,7 +133,7 @@ def test_vab_on_two_ranks_defends_like_one_process_and_resumes_exactly(tmp_path,
     assert code == 0, err
     _close_to_one_process(two, tmp_path / "one", "vab")
 
-    killed = tmp_path / "killed"
+    killed = tmp_path / "killed"  # the whole job: the launcher and both ranks
     _rank_killed_when_checkpointed(killed, True, *VAB)
     code, _, err = _finish(_torchrun(killed, *VAB, "--resume"))
     assert code == 0, err

@@ -15,7 +15,7 @@ import bdguard
 from bdguard.bench.results import read_csv
 from bdguard.io import read_json
 
-EPOCHS = 20  # long enough (about a second each) to kill the `none` cell's worker in the middle of its training
+EPOCHS = 8  # long enough (about a second each) to kill the `none` cell's worker in the middle of its training
 BENCH = ["bench", "--suite", "smoke", "--attacks", "badnets", "--defenses", "none,linf-prune", "--detectors", ""]
 BENCH += ["--set", f"train.epochs={EPOCHS}", "--quiet"]
 
