@@ -239,6 +239,7 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
         (["--suite", "smoke", "--executor", "ray", "--cell-cpus", "0"], "cell_cpus must be in [0.01, inf]"),
         (["--suite", "smoke", "--executor", "local", "--retries", "-1"], "retries must be in [0, inf]"),
         (["--suite", "smoke", "--executor", "cluster"], "invalid choice: 'cluster'"),
+        (["--suite", "smoke", "--executor", "ray", "--address", "127.0.0.1:1"], "cannot reach the Ray cluster"),
     ]
     for flags, message in cases:
         code, _, err = run_cli(capsys, "bench", *flags, "--out", str(tmp_path / "out"))

@@ -81,10 +81,8 @@ def split(batch: int) -> tuple[slice, float]:
     ranks = world()
     if ranks == 1 or batch < ranks:
         return slice(None), 1.0
-    base, extra = divmod(batch, ranks)
-    me = rank()
-    begin, size = me * base + min(me, extra), base + (me < extra)
-    return slice(begin, begin + size), size * ranks / batch
+    part = part_of(batch)
+    return part, (part.stop - part.start) * ranks / batch
 
 
 def all_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -134,10 +134,12 @@ class RayPool:
         }
         if executor.address is None and not os.environ.get("RAY_ADDRESS") and executor.workers is not None:
             options["num_cpus"] = executor.workers * executor.cell_cpus  # a Ray of our own: as large as asked
+        where = executor.address or os.environ.get("RAY_ADDRESS")
+        if where:
+            _check_reachable(where)
         try:
             ray.init(**options)
         except ConnectionError as exc:
-            where = executor.address or os.environ.get("RAY_ADDRESS")
             raise BdguardError(f"cannot reach the Ray cluster at {where}: {exc}") from None
         self.slots = executor.workers or 1_000_000  # Ray queues what the resources do not allow yet
         self.threads = max(1, int(executor.cell_cpus))
@@ -153,6 +155,20 @@ class RayPool:
 
     def close(self) -> None:
         self.ray.shutdown()
+
+
+def _check_reachable(address: str) -> None:
+    """Refuse a HOST:PORT nobody answers on at once: Ray itself would retry it for minutes. Other forms ("auto",
+    "ray://...") are left to Ray."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not host or "/" in host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as exc:
+        raise BdguardError(f"cannot reach the Ray cluster at {address}: {exc}") from None
 
 
 def _schedule(steps: list[Step], out: Path, pool, retries: int, done: Callable[[str], None]) -> None:
