@@ -7,6 +7,7 @@ import io
 import json
 import os
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bdguard.data import DATASETS, DataConfig, dataset_status, load_dataset
+from bdguard.data import DATASETS, DataConfig, cache, dataset_status, load_dataset
 from bdguard.data.sources import cifar10, fashion_mnist
 from bdguard.data.sources.imagefolder import ImageFolderSource
 from bdguard.errors import BdguardError
@@ -260,6 +261,24 @@ def test_damaged_cache_entry_is_rebuilt(tmp_path, monkeypatch, damage):
     assert torch.equal(first.test.images, rebuilt.test.images)
     assert load_dataset(config).extra["from_cache"] and len(calls) == 2
     assert not list(Path(first.extra["cache"]).glob(".*.tmp"))  # what a killed build left is cleaned up
+
+
+def test_a_second_builder_waits_for_the_first_and_reads_its_entry(tmp_path, monkeypatch):
+    make_class_tree(tmp_path / "set", ["a", "b"], per_class=5)
+    calls = count_loads(monkeypatch, ImageFolderSource)
+    config = DataConfig(f"imagefolder:{tmp_path / 'set'}")
+    entry = Path(load_dataset(config).extra["cache"])
+    meta = (entry / "meta.json").read_text()
+    (entry / "meta.json").unlink()  # the entry is missing again, as for two processes starting at once
+    result = {}
+    with cache.building(entry):  # "the first builder", still writing
+        waiting = threading.Thread(target=lambda: result.setdefault("bundle", load_dataset(config)))
+        waiting.start()
+        waiting.join(timeout=1.0)
+        assert waiting.is_alive()  # blocked on the lock: it must not unlink the first's files
+        (entry / "meta.json").write_text(meta)  # the first builder finishes its entry
+    waiting.join(timeout=60)
+    assert result["bundle"].extra["from_cache"] and len(calls) == 1
 
 
 def test_cached_tensors_can_be_edited_without_touching_the_cache(tmp_path):

@@ -135,6 +135,14 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     return cls(**kwargs)
 
 
+class RootConfig:
+    """Base of the top-level run configs: `Config.from_dict(table)` builds one, checking every key and value."""
+
+    @classmethod
+    def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
+        return from_dict(cls, data)
+
+
 def to_dict(obj: Any) -> dict[str, Any]:
     """A JSON-ready dict of a config (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(obj)))

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from bdguard.attacks import ATTACKS, AttackConfig
-from bdguard.config import from_dict, load_file, merge, to_dict
+from bdguard.config import RootConfig, from_dict, load_file, merge, to_dict
 from bdguard.data import DataConfig
 from bdguard.defenses import DEFENSES, DefenseConfig, build_defense
 from bdguard.detectors import DETECTORS, DetectorConfig, build_detector
@@ -68,7 +68,7 @@ class DetectorSettings:
 
 
 @dataclass
-class BenchConfig:
+class BenchConfig(RootConfig):
     name: str = "custom"
     description: str = ""
     attacks: list[str] = field(default_factory=lambda: ["badnets"])
@@ -112,10 +112,6 @@ class BenchConfig:
         for defense in self.defenses:
             build_defense(self.defense_config(defense))
             MODELS.get(self.train_config(defense, self.seeds[0]).model)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BenchConfig:
-        return from_dict(cls, data)
 
     def attack_config(self, attack: str, seed: int) -> AttackConfig:
         own = self.by_attack.get(attack, AttackSettings())

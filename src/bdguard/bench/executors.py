@@ -125,16 +125,17 @@ class RayPool:
             raise BdguardError("--executor ray needs Ray: pip install 'bdguard[ray]'") from None
         self.ray = ray
         env = {name: os.environ[name] for name in PASSED_ENVIRONMENT if os.environ.get(name)}
+        where = executor.address or os.environ.get("RAY_ADDRESS")
         options: dict[str, Any] = {
-            "address": executor.address,
+            # "local": a Ray of our own even when another process on this machine runs one
+            "address": where or "local",
             "runtime_env": {"env_vars": env} if env else None,
             "include_dashboard": False,
             "logging_level": logging.WARNING,
             "log_to_driver": False,  # each step's lines are in its folder's log.txt
         }
-        if executor.address is None and not os.environ.get("RAY_ADDRESS") and executor.workers is not None:
+        if not where and executor.workers is not None:
             options["num_cpus"] = executor.workers * executor.cell_cpus  # a Ray of our own: as large as asked
-        where = executor.address or os.environ.get("RAY_ADDRESS")
         if where:
             _check_reachable(where)
         try:

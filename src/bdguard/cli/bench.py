@@ -170,7 +170,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--workers", type=int, help="steps at once (local: default 2; ray: default as the resources allow)"
     )
-    parser.add_argument("--address", help="ray: the cluster's address (default: $RAY_ADDRESS, else a local Ray)")
+    parser.add_argument(
+        "--address", help="ray: the cluster's address (default: $RAY_ADDRESS, else a Ray of its own on this machine)"
+    )
     parser.add_argument("--cell-cpus", type=float, default=1.0, help="ray: CPUs per step, its torch threads (1)")
     parser.add_argument("--cell-gpus", type=float, default=0.0, help="ray: GPUs per step (0)")
     parser.add_argument("--retries", type=int, default=2, help="runs again of a step whose worker died (2)")

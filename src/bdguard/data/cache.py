@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,23 @@ def load_entry(entry: Path, identity: str) -> tuple[dict[str, np.ndarray], dict[
         return arrays, meta
     except (OSError, ValueError, KeyError, TypeError, EOFError):
         return None
+
+
+@contextlib.contextmanager
+def building(entry: Path) -> Iterator[None]:
+    """Hold the right to build `entry`. Two processes that miss it at once (a bench's workers, two runs) would
+    otherwise unlink each other's half-written files; the second waits here, then finds the first's entry. The lock
+    is the kernel's (flock on a file beside the entry), so a builder killed by kill -9 never leaves it held."""
+    import fcntl  # POSIX only, like the run folders' lock
+
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(entry.parent / f".{entry.name}.lock", "a")  # noqa: SIM115 (held open for the lock's lifetime)
+    except OSError as exc:
+        raise BdguardError(f"cannot write the data cache in {entry.parent}: {exc.strerror or exc}") from None
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def save_entry(entry: Path, identity: str, arrays: dict[str, np.ndarray], info: dict[str, Any]) -> None:

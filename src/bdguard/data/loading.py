@@ -43,14 +43,17 @@ def load_dataset(config: DataConfig) -> DataBundle:
         identity = source.identity()
         entry = cache.entry_dir(config.cache_path(), source.name, identity)
         hit = _from_cache(entry, identity)
+        if hit is None:
+            with cache.building(entry):
+                hit = _from_cache(entry, identity)  # another process may have built it while this one waited
+                if hit is None:
+                    log(f"decoding {source.bundle_name} once (it will be cached in {entry})")
+                    raw, stats = _decode(source)
+                    info = {"classes": list(raw.classes), "source": raw.source, "mean": stats[0], "std": stats[1]}
+                    cache.save_entry(entry, identity, {key: getattr(raw, key) for key in ARRAYS}, info)
         if hit is not None:
             raw, stats = hit
             extra["from_cache"] = True
-        else:
-            log(f"decoding {source.bundle_name} once (it will be cached in {entry})")
-            raw, stats = _decode(source)
-            info = {"classes": list(raw.classes), "source": raw.source, "mean": stats[0], "std": stats[1]}
-            cache.save_entry(entry, identity, {key: getattr(raw, key) for key in ARRAYS}, info)
         extra["cache"] = str(entry)
     mean, std = stats
     train = ImageSet(torch.from_numpy(raw.train_images), torch.from_numpy(raw.train_labels))

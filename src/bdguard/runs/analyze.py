@@ -21,7 +21,7 @@ import torch
 from bdguard.analysis.activation_norms import NORMS, activation_stats, shift_summary
 from bdguard.analysis.gradcam import GridColumn, changed_pixels, gradcam_grid, grid_cells
 from bdguard.attacks import AttackConfig, AttackContext, build_attack, check_attack
-from bdguard.config import check_range, from_dict, to_dict
+from bdguard.config import RootConfig, check_range, to_dict
 from bdguard.data import DataConfig
 from bdguard.defenses.neural_cleanse import NcParams, ReversedTrigger, reverse_engineer, write_trigger_image
 from bdguard.defenses.pruning.report import STAT_NAMES, plot_norms
@@ -48,7 +48,7 @@ class AnalysisParams:
 
 
 @dataclass
-class AnalyzeConfig:
+class AnalyzeConfig(RootConfig):
     """One analysis. `train` gives the device, threads and the evaluation batch size."""
 
     data: DataConfig = field(default_factory=DataConfig)
@@ -56,10 +56,6 @@ class AnalyzeConfig:
     analysis: AnalysisParams = field(default_factory=AnalysisParams)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> AnalyzeConfig:
-        return from_dict(cls, data)
 
 
 def norm_summaries(

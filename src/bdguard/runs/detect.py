@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from bdguard.attacks import AttackConfig
-from bdguard.config import check_range, from_dict, to_dict
+from bdguard.config import RootConfig, check_range, to_dict
 from bdguard.data import DataBundle, DataConfig
 from bdguard.defenses import DefenseConfig
 from bdguard.detectors import Detection, DetectionJob, DetectorConfig, build_detector
@@ -47,7 +47,7 @@ MODEL_DIR = "model"  # DIR/model/: the undefended training run, when a detector 
 
 
 @dataclass
-class DetectConfig:
+class DetectConfig(RootConfig):
     """One detection. `attack` poisons the set first (none: the set as given); `train` is how a model is trained
     when the detector needs one and no model file is given, and gives the device, threads and batch sizes."""
 
@@ -59,10 +59,6 @@ class DetectConfig:
 
     def __post_init__(self) -> None:
         check_range("gallery", self.gallery, 1, 256)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DetectConfig:
-        return from_dict(cls, data)
 
 
 def _model_source(

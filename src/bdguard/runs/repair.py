@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from bdguard.attacks import AttackConfig, AttackContext, build_attack
-from bdguard.config import check_range, from_dict, to_dict
+from bdguard.config import RootConfig, check_range, to_dict
 from bdguard.data import DataBundle, DataConfig, ImageSet
 from bdguard.data.sources import ImageDecoder
 from bdguard.data.sources.folders import read_labelled_dir
@@ -53,7 +53,7 @@ class ProbeConfig:
 
 
 @dataclass
-class RepairConfig:
+class RepairConfig(RootConfig):
     """One repair run. `train` gives the device, threads, evaluation batch and any fine-tuning's settings."""
 
     data: DataConfig = field(default_factory=DataConfig)
@@ -68,7 +68,7 @@ class RepairConfig:
         section = data.get("defense", {})
         if isinstance(section, dict):
             data = {**data, "defense": {"name": DEFAULT_DEFENSE, **section}}
-        return from_dict(cls, data)
+        return super().from_dict(data)
 
 
 def split_probe(test: ImageSet, config: ProbeConfig) -> tuple[ImageSet, ImageSet]:

@@ -11,7 +11,7 @@ import torch
 
 from bdguard import distributed
 from bdguard.attacks import AttackConfig, AttackContext, build_attack
-from bdguard.config import from_dict, to_dict
+from bdguard.config import RootConfig, to_dict
 from bdguard.data import DataConfig
 from bdguard.data.base import TriggeredSet
 from bdguard.defenses import DefenseConfig, TrainingDefense, TrainingJob, build_defense
@@ -37,17 +37,13 @@ from bdguard.training.runtime import CHECKPOINT, RunClock
 
 
 @dataclass
-class RunConfig:
+class RunConfig(RootConfig):
     """One training run: the data, the attack that poisons it, the defense that trains on it."""
 
     data: DataConfig = field(default_factory=DataConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     defense: DefenseConfig = field(default_factory=DefenseConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        return from_dict(cls, data)
 
 
 def run_train(
