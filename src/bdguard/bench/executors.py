@@ -127,7 +127,7 @@ class RayPool:
         env = {name: os.environ[name] for name in PASSED_ENVIRONMENT if os.environ.get(name)}
         where = executor.address or os.environ.get("RAY_ADDRESS")
         options: dict[str, Any] = {
-            # "local": a Ray of our own even when another process on this machine runs one
+            # "local": a Ray of our own, even where `ray start` runs one on this machine (a plain init would join it)
             "address": where or "local",
             "runtime_env": {"env_vars": env} if env else None,
             "include_dashboard": False,
