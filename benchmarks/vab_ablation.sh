@@ -5,7 +5,10 @@
 # Usage: benchmarks/vab_ablation.sh SETTING ATTACK VARIANT... [-- EXTRA FLAGS]
 #   SETTING: fmnist (Fashion-MNIST, TRAIN_SIZE images (default 20,000), small-cnn, EPOCHS epochs (default 30),
 #            one-cycle lr 0.05) or cifar (CIFAR-10 JPEG copy, resnet20, EPOCHS (default 20), one-cycle lr 0.1)
-#   ATTACK:  badnets, blended, wanet or sig (sig poisons SIG_RATE of the target class, default 0.5)
+#   ATTACK:  badnets, blended, wanet or sig (sig poisons SIG_RATE of the target class, default 0.5; the others RATE
+#            of the set, default 0.1)
+#   SEED:    training and attack seed (default 0); a seed other than 0, or a RATE, names the folder SETTING-ATTACK-sSEED
+#            or SETTING-ATTACK-rRATE
 #   VARIANT: a name below; `all` runs every one in order.
 # Each run lands in $OUT/SETTING-ATTACK/VARIANT (default OUT=runs/vab-ablation), resumes from its checkpoint and is
 # skipped once finished; `python benchmarks/collect.py --ratio $OUT/SETTING-ATTACK` prints the table.
@@ -28,33 +31,40 @@ cifar)
 esac
 case $ATTACK in
 sig) POISON=(--attack sig --rate "${SIG_RATE:-0.5}") ;;
-*) POISON=(--attack "$ATTACK" --rate 0.1) ;;
+*) POISON=(--attack "$ATTACK" --rate "${RATE:-0.1}") ;;
 esac
-COMMON+=("${POISON[@]}" --target 0 --threads "$THREADS" --quiet)
+SEED=${SEED:-0}
+COMMON+=("${POISON[@]}" --target 0 --seed "$SEED" --attack-seed "$SEED" --threads "$THREADS" --quiet)
+CELL=$SETTING-$ATTACK${RATE:+-r$RATE}
+[[ $SEED == 0 ]] || CELL+=-s$SEED
 
 # name: the flags of the variant. "paper" is the reference method rescaled to the budget (V&B's own step schedule,
 # two views, AttentionMix on every image, the Victim after every epoch at these budgets) with the Victim alike the
 # Beneficiary so it fits a CPU. The "filter" rows build the method up from the Victim's split; the other rows start
-# from the default and change one lever ("refine": the split of docs/methods/vab.md refined to the end of the run;
-# the 10-epoch `mix` and `half-mix` rows of RESULTS were run on top of it).
+# from the default and change one lever ("refine": the Beneficiary's take-back of docs/methods/vab.md to the end of
+# the run, on the Victim's global split; the 10-epoch `mix` and `half-mix` rows of RESULTS were run on top of it).
+# "global" is the default without the label rule, "round-two" the default of the round before it (the global split,
+# refined during the first fifth of the run).
 declare -A VARIANTS=(
     [none]="--defense none"
     [paper]="--defense vab --set vab.preset=cpu"
     [default]="--defense vab"
-    [filter]="--defense vab --set vab.refine=false --set vab.stage_a_fraction=1"
-    [filter-mix]="--defense vab --set vab.refine=false --set vab.mix_share=1 --set vab.stage_a_fraction=1"
-    [filter-mix-b]="--defense vab --set vab.refine=false --set vab.mix_share=1"
-    [no-refine]="--defense vab --set vab.refine=false"
-    [refine]="--defense vab --set vab.refine_until=1"
-    [label-gate]="--defense vab --set vab.refine_until=1 --set vab.refine_label_share=0.5"
-    [mix]="--defense vab --set vab.refine_until=1 --set vab.mix_share=1"
-    [half-mix]="--defense vab --set vab.refine_until=1 --set vab.mix_share=0.5"
+    [global]="--defense vab --set vab.split_rule=global"
+    [round-two]="--defense vab --set vab.split_rule=global --set vab.refine=true"
+    [no-check-flags]="--defense vab --set vab.check_flags=false"
+    [filter]="--defense vab --set vab.split_rule=global --set vab.stage_a_fraction=1"
+    [filter-mix]="--defense vab --set vab.split_rule=global --set vab.mix_share=1 --set vab.stage_a_fraction=1"
+    [filter-mix-b]="--defense vab --set vab.split_rule=global --set vab.mix_share=1"
+    [refine]="--defense vab --set vab.split_rule=global --set vab.refine=true --set vab.refine_until=1"
+    [label-gate]="--defense vab --set vab.split_rule=global --set vab.refine=true --set vab.refine_until=1 --set vab.refine_label_share=0.5"
+    [mix]="--defense vab --set vab.split_rule=global --set vab.refine=true --set vab.refine_until=1 --set vab.mix_share=1"
+    [half-mix]="--defense vab --set vab.split_rule=global --set vab.refine=true --set vab.refine_until=1 --set vab.mix_share=0.5"
     [no-stage-b]="--defense vab --set vab.stage_a_fraction=1"
-    [refine-suppress-a]="--defense vab --set vab.refine_until=1 --set vab.suppress_stage_a=true"
+    [refine-suppress-a]="--defense vab --set vab.split_rule=global --set vab.refine=true --set vab.refine_until=1 --set vab.suppress_stage_a=true"
     [two-views]="--defense vab --set vab.views=2"
     [vab-schedule]="--defense vab --set vab.lr_schedule=vab"
 )
-ORDER=(none paper default filter filter-mix filter-mix-b no-refine refine label-gate mix half-mix no-stage-b refine-suppress-a two-views vab-schedule)
+ORDER=(none paper default global round-two no-check-flags filter filter-mix filter-mix-b refine label-gate mix half-mix no-stage-b refine-suppress-a two-views vab-schedule)
 
 EXTRA=()
 NAMES=()
@@ -71,7 +81,7 @@ done
 
 for name in "${NAMES[@]}"; do
     [[ -n ${VARIANTS[$name]+x} ]] || { echo "unknown variant $name (known: ${ORDER[*]})" >&2; exit 2; }
-    dir=$OUT/$SETTING-$ATTACK/$name
+    dir=$OUT/$CELL/$name
     if [[ -f $dir/results.json ]]; then
         echo "skip $dir (finished)"
         continue

@@ -69,7 +69,7 @@ def _shuffled_auroc(folder: Path) -> float:
         ("spectral", {"eps": 0.05}, 0.03),
         ("activation-clustering", {}, 0.03),
         ("abl", {"isolation_epochs": 4}, 0.1),
-        ("vab", {"victim_batch_size": 64}, 0.1),
+        ("vab", {"victim_batch_size": 64, "victim_min_steps": 0}, 0.1),  # 31 steps an epoch, as configured
     ],
 )
 def test_each_detector_ranks_planted_poison_first(detector, params, rate, tmp_path_factory):
@@ -103,7 +103,8 @@ def test_strip_flags_triggered_fashion_mnist_images(tmp_path):
 
 
 def test_the_vab_detector_is_the_defenses_own_warm_up(tmp_path):
-    """Same seed and settings: the detector's rounds flag exactly what the defense's warm-up rounds flagged."""
+    """Same seed and settings: the detector's rounds flag exactly what the defense's warm-up rounds flagged, and its
+    final flags (after the label rule) are the defense's first split."""
     params = {"victim_batch_size": 64}
     run = RunConfig.from_dict(
         {
@@ -117,7 +118,10 @@ def test_the_vab_detector_is_the_defenses_own_warm_up(tmp_path):
     defense_rounds = [json.loads(line) for line in (tmp_path / "defense" / "detector.jsonl").read_text().splitlines()]
     results = run_detect(_config("vab", params, 0.1, epochs=2), tmp_path / "detector", quiet=True)
     flagged = [r["flagged"] for r in results["rounds"]]
-    assert flagged == [r["suspicious"] for r in defense_rounds[: len(flagged)]] and len(flagged) == 3
+    assert flagged == [r["flagged_by_victim"] for r in defense_rounds[: len(flagged)]] and len(flagged) == 3
+    first_split = defense_rounds[2]
+    assert results["flagged"] == first_split["suspicious"] and results["attacked_labels"] == [0]
+    assert first_split["attacked_labels"] == [0] and first_split["suspicious"] < first_split["flagged_by_victim"]
 
 
 def _image_folder(root: Path) -> Path:

@@ -10,6 +10,14 @@ from bdguard.defenses import DEFENSES, DefenseConfig, build_defense
 from bdguard.defenses.vab import PRESETS, VabParams, make_schedule, threshold
 from bdguard.defenses.vab.attention_mix import attention_map, attention_mix
 from bdguard.defenses.vab.beneficiary import Beneficiary, label_agreement, stage_a_epoch, stage_b_epoch
+from bdguard.defenses.vab.labels import (
+    LabelGuard,
+    LabelRule,
+    attacked_labels,
+    class_balanced,
+    diverse_contradictions,
+    label_split,
+)
 from bdguard.defenses.vab.report import detector_metrics
 from bdguard.defenses.vab.suppression import pseudo_targets, soft_cross_entropy, suppress, victim_beliefs
 from bdguard.defenses.vab.victim import EntropyDetector, entropy_scores, split, victim_epoch, victim_logits
@@ -296,6 +304,9 @@ def test_params_presets_and_validation():
         ({"refine_confidence": "1.5"}, "vab.refine_confidence"),
         ({"tau": "nan"}, "vab.tau"),
         ({"lr_schedule": "cosine"}, "vab.lr_schedule"),
+        ({"split_rule": "ruled"}, "vab.split_rule"),
+        ({"check_epochs": "0"}, "vab.check_epochs"),
+        ({"label_share": "2"}, "vab.label_share"),
     ):
         with pytest.raises(BdguardError, match=match):
             _params(bad)
@@ -416,3 +427,84 @@ def test_stage_a_suppression_takes_away_what_the_victim_is_sure_of():
     unsure = torch.zeros(24, 10)  # uniform beliefs: each target keeps 1 - 1/10 of its weight
     result = stage_a_epoch(ben, data, torch.arange(24), _generator(), "", LR, victim_logits=unsure)
     assert result["loss"] > 0 and any(not torch.equal(before[k], v) for k, v in ben.model.named_parameters())
+
+
+# -- the label rule (labels.py) -------------------------------------------------------------------------------------
+
+RULE = LabelRule(share=0.3, min_share=0.0, check_flags=False)
+
+
+def _flags(plan: list[tuple[int, int, int]], n: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(labels, flagged, predicted) of `count` flagged samples per (label, predicted class, count) in `plan`, after
+    `n` unflagged samples of label 9 that the check model gets right."""
+    labels = [9] * n + [label for label, _, count in plan for _ in range(count)]
+    predicted = [9] * n + [pred for _, pred, count in plan for _ in range(count)]
+    flagged = [False] * n + [True] * (len(labels) - n)
+    return torch.tensor(labels), torch.tensor(flagged), torch.tensor(predicted)
+
+
+def test_a_label_whose_flags_show_many_classes_is_attacked_and_one_confused_with_one_class_is_not():
+    # label 0: poison from six source classes and some clean target images; label 1: an easy class the check model
+    # mostly knows, its mistakes all one look-alike; label 2: a label taken whole by one mistaken class
+    plan = [(0, 0, 30)] + [(0, c, 20) for c in range(3, 9)] + [(1, 1, 150), (1, 2, 60), (2, 4, 80)]
+    labels, flagged, predicted = _flags(plan)
+    diverse, per_label = diverse_contradictions(labels, flagged, predicted, 10)
+    assert diverse[:3].tolist() == [100, 0, 0] and per_label[:3].tolist() == [150, 210, 80]
+    assert attacked_labels(labels, flagged, predicted, 10, RULE).nonzero().flatten().tolist() == [0]
+    suspicious = label_split(flagged, labels, predicted, attacked_labels(labels, flagged, predicted, 10, RULE), RULE)
+    assert torch.equal(suspicious, flagged & (labels == 0))
+    # the share and the count are both needed
+    assert not attacked_labels(labels, flagged, predicted, 10, LabelRule(0.7, 0.0, False)).any()
+    assert not attacked_labels(labels, flagged, predicted, 10, LabelRule(0.3, 101 / labels.numel(), False)).any()
+
+
+def test_an_all_to_all_attack_singles_out_no_label_and_the_global_split_stands():
+    # every label's poison from the class before it: each label's contradictions are one class
+    plan = [(c, (c - 1) % 10, 40) for c in range(10)] + [(c, c, 60) for c in range(10)]
+    labels, flagged, predicted = _flags(plan)
+    attacked = attacked_labels(labels, flagged, predicted, 10, RULE)
+    assert not attacked.any()
+    assert torch.equal(label_split(flagged, labels, predicted, attacked, RULE), flagged)
+
+
+def test_check_flags_add_the_contradicted_samples_of_attacked_labels_only():
+    labels = torch.tensor([0, 0, 0, 1, 1])
+    flagged = torch.tensor([True, False, False, True, False])
+    predicted = torch.tensor([3, 4, 0, 1, 2])  # sample 1: poison the Victim missed; sample 4: a clean label's slip
+    attacked = torch.tensor([True, False] + [False] * 8)
+    with_checks = LabelRule(0.3, 0.0, check_flags=True)
+    assert label_split(flagged, labels, predicted, attacked, with_checks).tolist() == [True, True, False, False, False]
+    assert label_split(flagged, labels, predicted, attacked, RULE).tolist() == [True, False, False, False, False]
+
+
+def test_the_attacked_labels_are_sought_until_found_and_then_fixed():
+    guard = LabelGuard(RULE, 10, [str(c) for c in range(10)])
+    plan = [(0, c, 20) for c in range(3, 9)] + [(1, 1, 100)] + [(2, c, 20) for c in (3, 4)]
+    labels, flagged, predicted = _flags(plan)
+    guard.predicted = predicted
+    early = flagged & (labels == 1)  # a first round in which nothing stands out: the global split
+    assert torch.equal(guard.split(early, labels), early) and not guard.attacked.any()
+    later = flagged & (labels != 2)
+    assert torch.equal(guard.split(later, labels), flagged & (labels == 0))  # a later round finds label 0
+    # label 2's flags, disputed between two classes, stand out in a still later round (as hard classes can late in
+    # a run): the set found stays as it is, and label 0 stays attacked with none of its samples flagged
+    last = flagged & (labels == 2)
+    assert attacked_labels(labels, last, predicted, 10, RULE).nonzero().flatten().tolist() == [2]
+    assert not guard.split(last, labels).any()
+    assert guard.attacked.nonzero().flatten().tolist() == [0]
+
+
+def test_class_balanced_draws_give_every_label_its_share():
+    labels = torch.tensor([0] * 900 + [1] * 90 + [2] * 10)
+    drawn = class_balanced(labels, torch.arange(1000), 3, _generator())
+    shares = torch.bincount(labels[drawn], minlength=3).float() / drawn.numel()
+    assert drawn.numel() == 1000 and bool(((shares - 1 / 3).abs() < 0.05).all()), shares
+
+
+def test_the_victims_batch_shrinks_so_that_an_epoch_on_a_small_set_takes_enough_steps():
+    default = VabParams()
+    assert default.victim_batch(20000) == 128 and default.victim_batch(50000) == 128
+    assert default.victim_batch(5000) == 50  # 100 steps instead of 39
+    assert default.victim_batch(300) == 16  # never below 16
+    assert VabParams(victim_batch_size=8).victim_batch(300) == 8  # nor above what was asked
+    assert PAPER.victim_batch(5000) == 128  # the reference keeps its batch

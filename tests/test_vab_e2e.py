@@ -155,36 +155,54 @@ def _easy_class_job(run_dir, easy: int = 5) -> TrainingJob:
     return _job(bundle, run_dir, train, "easy", rate=0.15)
 
 
-def _split(tmp_path, refine: bool) -> tuple[TrainingJob, dict, torch.Tensor]:
-    job = _easy_class_job(tmp_path / str(refine))
-    params = {"victim_batch_size": 64, "refine": refine, "refine_until": 1.0}
+def _split(tmp_path, name: str, **params) -> tuple[TrainingJob, dict, torch.Tensor]:
+    job = _easy_class_job(tmp_path / name)
+    params = {"victim_batch_size": 64, "victim_min_steps": 0, **params}  # 31 Victim steps an epoch
     result = build_defense(DefenseConfig(name="vab", params=params)).train(job)
     results = {**job.evaluate(result.model), "detector": result.detector, **result.details}
-    rows = [line.split(",") for line in (tmp_path / str(refine) / "suspicious.csv").read_text().splitlines()[1:]]
+    rows = [line.split(",") for line in (tmp_path / name / "suspicious.csv").read_text().splitlines()[1:]]
     return job, results, torch.tensor([r[2] == "yes" for r in rows])
 
 
-def test_the_refined_split_hands_an_easy_clean_class_back_and_keeps_the_poison(tmp_path):
-    job, plain, flagged = _split(tmp_path, refine=False)
-    _, refined, suspicious = _split(tmp_path, refine=True)
-    poisoned = job.poisoned
+def _share(mask: torch.Tensor, within: torch.Tensor) -> float:
+    return float(mask[within].float().mean())
+
+
+def _easy_and_relabelled(poisoned) -> tuple[torch.Tensor, torch.Tensor]:
+    """The easy class's clean samples; the poison relabelled (the target class's own poisoned images keep their
+    true label, as a clean-label trigger's would)."""
     easy = (poisoned.original_labels == 5) & ~poisoned.poison_mask
-    # relabelled poison: the poisoned images of the target class keep their true label, a clean-label trigger
-    relabelled = poisoned.poison_mask & (poisoned.original_labels != poisoned.train.labels)
+    return easy, poisoned.poison_mask & (poisoned.original_labels != poisoned.train.labels)
 
-    def share(mask: torch.Tensor, within: torch.Tensor) -> float:
-        return float(mask[within].float().mean())
 
+def test_the_refined_split_hands_an_easy_clean_class_back_and_keeps_the_poison(tmp_path):
+    job, plain, flagged = _split(tmp_path, "global", split_rule="global")
+    _, refined, suspicious = _split(tmp_path, "refined", split_rule="global", refine=True, refine_until=1.0)
+    easy, relabelled = _easy_and_relabelled(job.poisoned)
     # the Victim alone (its training never depends on the Beneficiary) loses most of the easy class to S ...
     assert refined["split"]["flagged_by_victim"] == plain["detector"]["flagged"] == int(flagged.sum())
-    assert share(flagged, easy) > 0.5, share(flagged, easy)
+    assert _share(flagged, easy) > 0.5, _share(flagged, easy)
     # ... the Beneficiary takes that class back and none of the relabelled poison the Victim caught
-    assert share(suspicious, easy) < 0.1, share(suspicious, easy)
-    assert share(suspicious, relabelled) >= share(flagged, relabelled) - 0.01
+    assert _share(suspicious, easy) < 0.1, _share(suspicious, easy)
+    assert _share(suspicious, relabelled) >= _share(flagged, relabelled) - 0.01
     assert refined["detector"]["fpr"] < plain["detector"]["fpr"] / 2
     # and the target label stays flagged as a whole: none of it goes back, poison or not
-    target = poisoned.train.labels == 0
+    target = job.poisoned.train.labels == 0
     assert bool((suspicious[target] == flagged[target]).all())
+
+
+def test_the_label_rule_keeps_an_easy_clean_class_credible_and_the_poison_suspicious(tmp_path):
+    """The default split on the same set: the check model finds label 0 attacked from the flagged samples' content,
+    every flag outside it goes back to C, and the poison stays in S, with no Beneficiary in the loop."""
+    job, plain, flagged = _split(tmp_path, "global", split_rule="global")
+    _, guarded, suspicious = _split(tmp_path, "labels")
+    easy, relabelled = _easy_and_relabelled(job.poisoned)
+    assert _share(flagged, easy) > 0.5, _share(flagged, easy)
+    assert guarded["split"]["attacked_labels"] == [0]
+    assert not suspicious[job.poisoned.train.labels != 0].any()
+    assert _share(suspicious, easy) == 0.0
+    assert _share(suspicious, relabelled) >= 0.95, _share(suspicious, relabelled)
+    assert guarded["detector"]["fpr"] < plain["detector"]["fpr"] / 2
 
 
 def test_refinement_freezes_after_its_share_of_the_run(tmp_path, monkeypatch):
@@ -199,7 +217,13 @@ def test_refinement_freezes_after_its_share_of_the_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(vab_defense, "label_agreement", counted)
     job = _easy_class_job(tmp_path / "run")
-    params = {"victim_batch_size": 64, "refine": True, "refine_until": 0.5}
+    params = {
+        "victim_batch_size": 64,
+        "victim_min_steps": 0,
+        "split_rule": "global",
+        "refine": True,
+        "refine_until": 0.5,
+    }
     build_defense(DefenseConfig(name="vab", params=params)).train(job)
     assert len(calls) == 1
     state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from bdguard.config import check_range
+from bdguard.defenses.vab.labels import LabelRule
 from bdguard.errors import BdguardError
 from bdguard.models import MODELS
 
@@ -33,8 +34,12 @@ REFERENCE = {
     "victim_every": 5,
     "victim_every_b": 1,
     "mix_share": 1.0,
-    "refine": False,
+    "split_rule": "global",
+    "victim_min_steps": 0,
 }
+
+
+MIN_VICTIM_BATCH = 16
 
 
 @dataclass(frozen=True)
@@ -72,10 +77,19 @@ class VictimParams:
     victim_lr: float = 1e-3  # Adam, constant
     victim_weight_decay: float = 5e-4  # coupled L2, as torch.optim.Adam does it
     victim_batch_size: int = 128
+    # a Victim epoch takes at least this many steps (a smaller batch on a small set, never under 16): the trigger is
+    # learned in steps, and 39 steps of 128 (5,000 images) left a resnet20 Victim at chance; 0: the batch as it is
+    victim_min_steps: int = 100
     ema: float = 0.75  # weight of the current entropy evaluation in the smoothed history
     warm_up: int = 3  # one Victim epoch on all data, then warm_up - 1 filtered rounds before the Beneficiary starts
     tau_warm: tuple[float, ...] = (0.6, 0.2)  # threshold of warm-up scoring rounds 1, 2, ... (the last one repeats)
     tau: float = 0.2  # threshold of every later scoring round, on min-max-normalised entropy
+    # labels: the Victim's flags count only inside the labels found attacked (labels.py); global: all of them
+    split_rule: Literal["labels", "global"] = "labels"
+    check_epochs: int = 2  # epochs of the label rule's check model on the credible set, class-balanced
+    label_share: float = 0.3  # a label is attacked when this share of its flagged samples are diverse contradictions
+    label_min_share: float = 0.003  # ... and they are at least this share of the training set (and at least 10)
+    check_flags: bool = True  # samples of an attacked label that the check model puts in another class: suspicious
 
     def __post_init__(self) -> None:
         if self.victim_model not in (None, "same"):
@@ -83,6 +97,7 @@ class VictimParams:
         check_range("vab.victim_lr", self.victim_lr, 0.0)
         check_range("vab.victim_weight_decay", self.victim_weight_decay, 0.0)
         check_range("vab.victim_batch_size", self.victim_batch_size, 1)
+        check_range("vab.victim_min_steps", self.victim_min_steps, 0)
         if not 0.0 < self.ema <= 1.0:
             raise BdguardError(f"vab.ema must be in (0, 1], got {self.ema}")
         check_range("vab.warm_up", self.warm_up, 1)
@@ -91,6 +106,22 @@ class VictimParams:
         for i, value in enumerate(self.tau_warm):
             check_range(f"vab.tau_warm[{i}]", value, 0.0, 1.0)
         check_range("vab.tau", self.tau, 0.0, 1.0)
+        if self.split_rule not in ("labels", "global"):
+            raise BdguardError(f"vab.split_rule must be labels or global, got {self.split_rule!r}")
+        check_range("vab.check_epochs", self.check_epochs, 1)
+        check_range("vab.label_share", self.label_share, 0.0, 1.0)
+        check_range("vab.label_min_share", self.label_min_share, 0.0, 1.0)
+
+    def label_rule(self) -> LabelRule:
+        return LabelRule(self.label_share, self.label_min_share, self.check_flags)
+
+    def victim_batch(self, samples: int) -> int:
+        """The Victim's batch size on a set of `samples`: `victim_batch_size`, smaller where an epoch would take
+        fewer than `victim_min_steps` steps."""
+        if self.victim_min_steps == 0:
+            return self.victim_batch_size
+        floor = min(MIN_VICTIM_BATCH, self.victim_batch_size)
+        return max(floor, min(self.victim_batch_size, samples // self.victim_min_steps))
 
     def victim_architecture(self, beneficiary: str) -> str:
         return beneficiary if self.victim_model in (None, "same") else self.victim_model
@@ -114,7 +145,7 @@ class VabParams(VictimParams):
     mix_share: float = 0.0  # the share of each batch that AttentionMix mixes (the reference: all of it)
     upsample: Literal["nearest", "bilinear"] = "nearest"  # attention map to image size (nearest: the code)
     views: int = 1  # augmented views of each sample per step (the reference: 2, so every sample counts twice)
-    refine: bool = True  # a flagged sample whose given label the Beneficiary already predicts goes back to C
+    refine: bool = False  # a flagged sample whose given label the Beneficiary already predicts goes back to C
     refine_confidence: float = 0.0  # ... as its top class, with at least this softmax probability (eval mode)
     refine_label_share: float = 0.0  # ... and only from labels whose flagged samples it confirms at least this often
     refine_until: float = 0.2  # ... during this share of the epochs; later what went back stays, nothing new does

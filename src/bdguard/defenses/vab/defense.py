@@ -1,9 +1,10 @@
 """V&B as a training defense: the Victim/Beneficiary schedule of docs/methods/vab.md 5 on the run's budget, a checkpoint
 after the Victim's warm-up and after every Beneficiary epoch, and the run folder's V&B files.
 
-Two splits: the Victim's (the entropy rule of docs/methods/vab.md 1; the Victim trains on its suspicious side) and the
-Beneficiary's, which with `refine` (the default) hands back to C the flagged samples whose given label the
-Beneficiary already predicts, during the first `refine_until` of the run. Without `refine` they are the same.
+Three masks: the Victim's flags (the entropy rule of docs/methods/vab.md 1; the Victim trains on them), the guarded
+split (with `split_rule=labels`, the default, only the flags inside the labels found attacked: labels.py), and the
+Beneficiary's, which with `refine` (off by default) hands back to C the guarded samples whose given label the
+Beneficiary already predicts, during the first `refine_until` of the run.
 
 Run folder: checkpoint.pt (both networks and optimisers, entropy history, splits, counters, metrics), metrics.jsonl
 (one row per Beneficiary epoch), detector.jsonl (one row per scoring round), and at the end victim.safetensors,
@@ -31,6 +32,7 @@ from bdguard.defenses.vab.beneficiary import (
     stage_b_epoch,
 )
 from bdguard.defenses.vab.config import PRESETS, VabParams, VictimParams
+from bdguard.defenses.vab.labels import LabelGuard
 from bdguard.defenses.vab.report import detector_metrics, plot_entropy_hist, stage_b_diagnostics, write_suspicious_csv
 from bdguard.defenses.vab.schedule import make_schedule, threshold
 from bdguard.defenses.vab.victim import EntropyDetector, entropy_scores, split, victim_epoch, victim_logits
@@ -62,8 +64,9 @@ class VabDefense(TrainingDefense):
         return _VabRun(job, self.params).run()
 
 
-def victim_train_config(train: TrainConfig, params: VictimParams) -> TrainConfig:
-    """How the Victim is built and trained, recorded in its model file (seed + 1: never the Beneficiary's init)."""
+def victim_train_config(train: TrainConfig, params: VictimParams, samples: int) -> TrainConfig:
+    """How the Victim is built and trained on a set of `samples`, recorded in its model file (seed + 1: never the
+    Beneficiary's init)."""
     architecture = params.victim_architecture(train.model)
     return dataclasses.replace(
         train,
@@ -73,7 +76,7 @@ def victim_train_config(train: TrainConfig, params: VictimParams) -> TrainConfig
         optimizer="adam",
         lr=params.victim_lr,
         weight_decay=params.victim_weight_decay,
-        batch_size=params.victim_batch_size,
+        batch_size=params.victim_batch(samples),
         schedule="constant",
         augment=False,
     )
@@ -91,7 +94,7 @@ class _VabRun:
         self.data = job.poisoned.train
         self.schedule = make_schedule(job.train.epochs, params)
         self.runtime = Runtime(job.device, job.train.amp, job.train.channels_last, job.quiet)
-        self.victim_config = victim_train_config(job.train, params)
+        self.victim_config = victim_train_config(job.train, params, len(self.data))
         net = self.runtime.prepare(job.new_model())
         self.beneficiary = Beneficiary(
             net,
@@ -109,8 +112,10 @@ class _VabRun:
         )
         self.detector = EntropyDetector(params.ema)
         self.logits = torch.zeros(len(self.data), job.bundle.num_classes, device=job.device)  # the Victim's, last round
-        self.flagged = torch.zeros(len(self.data), dtype=torch.bool, device=job.device)  # the Victim's split
-        self.suspicious = self.flagged  # the Beneficiary's split
+        self.flagged = torch.zeros(len(self.data), dtype=torch.bool, device=job.device)  # the Victim's entropy split
+        self.guard = LabelGuard(params.label_rule(), job.bundle.num_classes, job.bundle.classes)
+        self.guarded = self.flagged  # the split after the label rule (the Victim's own with split_rule=global)
+        self.suspicious = self.flagged  # the Beneficiary's split: the guarded one, less what `refine` took back
         self.taken_back = torch.zeros_like(self.flagged)  # what the last refinement took back from the flagged set
         self.victim_epochs = 0
         self.epoch = 0  # the last finished Beneficiary epoch
@@ -162,7 +167,7 @@ class _VabRun:
             self.victim_optimizer,
             self.data,
             index,
-            self.params.victim_batch_size,
+            self.victim_config.batch_size,
             generator,
             self.runtime,
             label,
@@ -177,21 +182,34 @@ class _VabRun:
         normalised = self.detector.update(entropy_scores(self.logits))
         number = self.detector.rounds
         tau = threshold(number, self.params)
-        self.flagged = self.suspicious = split(normalised, tau)
-        row = {"round": number, "after_epoch": after_epoch, "tau": tau}
-        row.update(detector_metrics(normalised, self.flagged, self.job.poisoned))
+        self.flagged = split(normalised, tau)
+        self.guarded = self.suspicious = self.guard.split(self.flagged, self.data.labels)
+        row = {"round": number, "after_epoch": after_epoch, "tau": tau, "flagged_by_victim": int(self.flagged.sum())}
+        row["attacked_labels"] = self.guard.attacked.nonzero().flatten().tolist()
+        row.update(detector_metrics(normalised, self.suspicious, self.job.poisoned))
         self.rounds.append(row)
         if number in self.key_rounds:
             self.snapshots[number] = {"label": self.key_rounds[number], "tau": tau, "normalised": normalised.cpu()}
         log(_round_summary(row))
 
     def _warm_up(self) -> None:
-        """One Victim epoch on all data, warm_up - 1 filtered rounds, and the scoring round of the first split."""
+        """One Victim epoch on all data, warm_up - 1 filtered rounds, and the scoring round of the first split; with
+        the label rule, its check model is trained on that split's credible side and the split guarded."""
         self._train_victim(torch.arange(len(self.data), device=self.job.device), "victim warm-up (all data)")
         for _ in range(self.params.warm_up - 1):
             self._score(after_epoch=0)
             self._train_victim(_indices(self.flagged), f"victim warm-up round {self.detector.rounds}")
         self._score(after_epoch=0)
+        if self.params.split_rule == "labels":
+            train = self.job.train
+            self.guard.train_check(
+                self.job.bundle, self.data, self.flagged, train, self.params.check_epochs, self.runtime
+            )
+            self.guarded = self.suspicious = self.guard.split(self.flagged, self.data.labels)
+            last = self.rounds[-1]
+            last["attacked_labels"] = self.guard.attacked.nonzero().flatten().tolist()
+            last.update(detector_metrics(self.detector.normalised(), self.suspicious, self.job.poisoned))
+            log(_round_summary(last))
 
     # -- the Beneficiary ---------------------------------------------------------------------------------------
 
@@ -204,17 +222,17 @@ class _VabRun:
         return lambda done: train.lr * lr_factor(train, (epoch - 1 + done) / epochs)
 
     def _refine(self) -> int:
-        """The Beneficiary's split: the Victim's suspicious samples minus those whose given label the Beneficiary
+        """The Beneficiary's split: the guarded suspicious samples minus those whose given label the Beneficiary
         already predicts (with `refine_label_share`, only from labels whose flagged samples it confirms that often).
         After `refine_until` of the run the samples taken back by then stay in C and no new ones are taken back.
         Returns how many flagged samples are in C."""
-        flagged = _indices(self.flagged)
+        flagged = _indices(self.guarded)
         if not self.params.refine or self.epoch == 0 or flagged.numel() == 0:
-            self.suspicious = self.flagged
+            self.suspicious = self.guarded
             return 0
         if self.epoch >= round(self.params.refine_until * self.schedule.epochs):
-            self.suspicious = self.flagged & ~self.taken_back
-            return int((self.flagged & self.taken_back).sum())
+            self.suspicious = self.guarded & ~self.taken_back
+            return int((self.guarded & self.taken_back).sum())
         agree = label_agreement(
             self.beneficiary.model,
             self.data,
@@ -224,9 +242,9 @@ class _VabRun:
             self.params.refine_confidence,
         )
         agree &= confirmed_labels(self.data.labels[flagged], agree, self.params.refine_label_share)
-        self.suspicious = self.flagged.clone()
+        self.suspicious = self.guarded.clone()
         self.suspicious[flagged[agree]] = False
-        self.taken_back = self.flagged & ~self.suspicious
+        self.taken_back = self.guarded & ~self.suspicious
         return int(agree.sum())
 
     def _epoch(self, epoch: int) -> None:
@@ -293,6 +311,8 @@ class _VabRun:
             "detector": self.detector.state_dict(),
             "logits": self.logits,
             "flagged": self.flagged,
+            "guard": self.guard.state_dict(),
+            "guarded": self.guarded,
             "suspicious": self.suspicious,
             "taken_back": self.taken_back,
             "victim_epochs": self.victim_epochs,
@@ -312,6 +332,8 @@ class _VabRun:
         self.detector.load_state_dict(state["detector"])
         self.logits = state["logits"]
         self.flagged = state["flagged"]
+        self.guard.load_state_dict(state["guard"])
+        self.guarded = state["guarded"]
         self.suspicious = state["suspicious"]
         self.taken_back = state["taken_back"]
         self.victim_epochs = int(state["victim_epochs"])
@@ -336,6 +358,7 @@ class _VabRun:
                 "rounds": len(self.rounds),
                 **{key: split_now[key] for key in SPLIT_KEYS},
                 "flagged_by_victim": int(self.flagged.sum()),
+                "attacked_labels": self.guard.attacked.nonzero().flatten().tolist(),
                 "returned": returned,
             },
             "seconds_by_stage": {key: round(value, 2) for key, value in self.seconds.items()},
