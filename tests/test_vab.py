@@ -17,6 +17,8 @@ from bdguard.defenses.vab.labels import (
     class_balanced,
     diverse_contradictions,
     label_split,
+    look_alikes,
+    otsu_low,
 )
 from bdguard.defenses.vab.report import detector_metrics
 from bdguard.defenses.vab.suppression import pseudo_targets, soft_cross_entropy, suppress, victim_beliefs
@@ -307,6 +309,7 @@ def test_params_presets_and_validation():
         ({"split_rule": "ruled"}, "vab.split_rule"),
         ({"check_epochs": "0"}, "vab.check_epochs"),
         ({"label_share": "2"}, "vab.label_share"),
+        ({"check_flags": "some"}, "vab.check_flags"),
     ):
         with pytest.raises(BdguardError, match=match):
             _params(bad)
@@ -431,7 +434,7 @@ def test_stage_a_suppression_takes_away_what_the_victim_is_sure_of():
 
 # -- the label rule (labels.py) -------------------------------------------------------------------------------------
 
-RULE = LabelRule(share=0.3, min_share=0.0, check_flags=False)
+RULE = LabelRule(share=0.3, min_share=0.0, check_flags="off", within="global")
 
 
 def _flags(plan: list[tuple[int, int, int]], n: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -454,8 +457,10 @@ def test_a_label_whose_flags_show_many_classes_is_attacked_and_one_confused_with
     suspicious = label_split(flagged, labels, predicted, attacked_labels(labels, flagged, predicted, 10, RULE), RULE)
     assert torch.equal(suspicious, flagged & (labels == 0))
     # the share and the count are both needed
-    assert not attacked_labels(labels, flagged, predicted, 10, LabelRule(0.7, 0.0, False)).any()
-    assert not attacked_labels(labels, flagged, predicted, 10, LabelRule(0.3, 101 / labels.numel(), False)).any()
+    assert not attacked_labels(labels, flagged, predicted, 10, LabelRule(0.7, 0.0, "off", "global")).any()
+    assert not attacked_labels(
+        labels, flagged, predicted, 10, LabelRule(0.3, 101 / labels.numel(), "off", "global")
+    ).any()
 
 
 def test_an_all_to_all_attack_singles_out_no_label_and_the_global_split_stands():
@@ -472,7 +477,7 @@ def test_check_flags_add_the_contradicted_samples_of_attacked_labels_only():
     flagged = torch.tensor([True, False, False, True, False])
     predicted = torch.tensor([3, 4, 0, 1, 2])  # sample 1: poison the Victim missed; sample 4: a clean label's slip
     attacked = torch.tensor([True, False] + [False] * 8)
-    with_checks = LabelRule(0.3, 0.0, check_flags=True)
+    with_checks = LabelRule(0.3, 0.0, check_flags="all", within="global")
     assert label_split(flagged, labels, predicted, attacked, with_checks).tolist() == [True, True, False, False, False]
     assert label_split(flagged, labels, predicted, attacked, RULE).tolist() == [True, False, False, False, False]
 
@@ -482,15 +487,16 @@ def test_the_attacked_labels_are_sought_until_found_and_then_fixed():
     plan = [(0, c, 20) for c in range(3, 9)] + [(1, 1, 100)] + [(2, c, 20) for c in (3, 4)]
     labels, flagged, predicted = _flags(plan)
     guard.predicted = predicted
+    entropy = torch.ones(labels.numel())  # the global rule inside a label does not read it
     early = flagged & (labels == 1)  # a first round in which nothing stands out: the global split
-    assert torch.equal(guard.split(early, labels), early) and not guard.attacked.any()
+    assert torch.equal(guard.split(early, labels, entropy), early) and not guard.attacked.any()
     later = flagged & (labels != 2)
-    assert torch.equal(guard.split(later, labels), flagged & (labels == 0))  # a later round finds label 0
+    assert torch.equal(guard.split(later, labels, entropy), flagged & (labels == 0))  # a later round finds label 0
     # label 2's flags, disputed between two classes, stand out in a still later round (as hard classes can late in
     # a run): the set found stays as it is, and label 0 stays attacked with none of its samples flagged
     last = flagged & (labels == 2)
     assert attacked_labels(labels, last, predicted, 10, RULE).nonzero().flatten().tolist() == [2]
-    assert not guard.split(last, labels).any()
+    assert not guard.split(last, labels, entropy).any()
     assert guard.attacked.nonzero().flatten().tolist() == [0]
 
 
@@ -508,3 +514,35 @@ def test_the_victims_batch_shrinks_so_that_an_epoch_on_a_small_set_takes_enough_
     assert default.victim_batch(300) == 16  # never below 16
     assert VabParams(victim_batch_size=8).victim_batch(300) == 8  # nor above what was asked
     assert PAPER.victim_batch(5000) == 128  # the reference keeps its batch
+
+
+def test_otsu_inside_an_attacked_label_keeps_its_sure_clean_samples_credible():
+    """Label 0: poison at entropy 1e-4, clean samples at 1e-2 that the Victim flags too (sure of them as of the
+    trigger, by the global threshold); the Otsu cut inside the label keeps only the poison."""
+    labels = torch.tensor([0] * 10 + [1] * 5)
+    poison = torch.tensor([True] * 4 + [False] * 11)
+    entropy = torch.where(poison, 1e-4, 1e-2) * (1.0 + 0.01 * torch.arange(15))
+    flagged = labels == 0  # the Victim's global flags: the whole label
+    predicted = torch.where(poison, 3, labels)
+    attacked = torch.tensor([True] + [False] * 9)
+    otsu = LabelRule(0.3, 0.0, check_flags="all", within="otsu")
+    assert torch.equal(label_split(flagged, labels, predicted, attacked, otsu, entropy), poison)
+    assert torch.equal(label_split(flagged, labels, predicted, attacked, RULE, entropy), flagged)
+    assert otsu_low(torch.tensor([1.0, 1.1, 5.0, 5.2, 5.1])).tolist() == [True, True, False, False, False]
+
+
+def test_diverse_check_flags_leave_out_the_labels_look_alike():
+    """Label 0's credible samples are mistaken for class 6 (its look-alike): unflagged samples put in class 6 stay
+    credible, those put in any other class (poison from other sources) join S."""
+    labels = torch.tensor([0] * 8 + [1] * 2)
+    flagged = torch.tensor([True, True] + [False] * 8)
+    predicted = torch.tensor([5, 3, 6, 6, 0, 0, 6, 4, 1, 1])  # 2, 3, 6: clean mistaken for 6; 7: poison from class 4
+    attacked = torch.tensor([True] + [False] * 9)
+    assert look_alikes(labels, predicted, ~flagged, 10)[0] == 6
+    diverse = LabelRule(0.3, 0.0, check_flags="diverse", within="global")
+    expected = [True, True, False, False, False, False, False, True, False, False]
+    assert label_split(flagged, labels, predicted, attacked, diverse).tolist() == expected
+    all_checks = label_split(
+        flagged, labels, predicted, attacked, LabelRule(0.3, 0.0, check_flags="all", within="global")
+    )
+    assert all_checks.tolist() == [True, True, True, True, False, False, True, True, False, False]

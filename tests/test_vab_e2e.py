@@ -192,17 +192,25 @@ def test_the_refined_split_hands_an_easy_clean_class_back_and_keeps_the_poison(t
 
 
 def test_the_label_rule_keeps_an_easy_clean_class_credible_and_the_poison_suspicious(tmp_path):
-    """The default split on the same set: the check model finds label 0 attacked from the flagged samples' content,
-    every flag outside it goes back to C, and the poison stays in S, with no Beneficiary in the loop."""
+    """On the same set: the check model finds label 0 attacked from the flagged samples' content and every flag
+    outside it goes back to C, with no Beneficiary in the loop; inside label 0, the Victim's own flags keep the
+    poison suspicious, and the default's Otsu cut keeps the label's clean samples credible too."""
     job, plain, flagged = _split(tmp_path, "global", split_rule="global")
-    _, guarded, suspicious = _split(tmp_path, "labels")
+    _, inside, suspicious = _split(tmp_path, "inside", label_within="global")
+    _, default, cut = _split(tmp_path, "otsu")
     easy, relabelled = _easy_and_relabelled(job.poisoned)
+    clean_target = (job.poisoned.train.labels == 0) & ~job.poisoned.poison_mask
     assert _share(flagged, easy) > 0.5, _share(flagged, easy)
-    assert guarded["split"]["attacked_labels"] == [0]
-    assert not suspicious[job.poisoned.train.labels != 0].any()
-    assert _share(suspicious, easy) == 0.0
+    for results, split in ((inside, suspicious), (default, cut)):
+        assert results["split"]["attacked_labels"] == [0]
+        assert not split[job.poisoned.train.labels != 0].any()
+        assert _share(split, easy) == 0.0
     assert _share(suspicious, relabelled) >= 0.95, _share(suspicious, relabelled)
-    assert guarded["detector"]["fpr"] < plain["detector"]["fpr"] / 2
+    assert inside["detector"]["fpr"] < plain["detector"]["fpr"] / 2
+    # Otsu's cut: fewer of the target's clean samples, most of the poison, and a clean model at the end
+    assert _share(cut, clean_target) < _share(suspicious, clean_target) / 2, _share(cut, clean_target)
+    assert _share(cut, relabelled) >= 0.8, _share(cut, relabelled)
+    assert default["asr"] < 0.05 and default["ba"] >= plain["ba"], (default, plain)
 
 
 def test_refinement_freezes_after_its_share_of_the_run(tmp_path, monkeypatch):

@@ -60,7 +60,7 @@ class VabDetector(Detector):
         if params.split_rule == "labels":
             guard = LabelGuard(params.label_rule(), job.bundle.num_classes, job.bundle.classes)
             guard.train_check(job.bundle, job.data, flagged, job.train, params.check_epochs, runtime)
-            flagged = guard.split(flagged, job.data.labels)
+            flagged = guard.split(flagged, job.data.labels, detector.history)
             extra["attacked_labels"] = guard.attacked.nonzero().flatten().tolist()
             if guard.attacked.any():
                 rule += ", inside the attacked label(s) " + ", ".join(map(str, extra["attacked_labels"]))

@@ -89,7 +89,10 @@ class VictimParams:
     check_epochs: int = 2  # epochs of the label rule's check model on the credible set, class-balanced
     label_share: float = 0.3  # a label is attacked when this share of its flagged samples are diverse contradictions
     label_min_share: float = 0.003  # ... and they are at least this share of the training set (and at least 10)
-    check_flags: bool = True  # samples of an attacked label that the check model puts in another class: suspicious
+    # samples of an attacked label that the check model puts in another class are suspicious: all of them, all but
+    # those it puts in the label's look-alike class (diverse), or none (off)
+    check_flags: Literal["off", "all", "diverse"] = "all"
+    label_within: Literal["global", "otsu"] = "otsu"  # inside an attacked label: Otsu's cut, or the Victim's flags
 
     def __post_init__(self) -> None:
         if self.victim_model not in (None, "same"):
@@ -111,9 +114,13 @@ class VictimParams:
         check_range("vab.check_epochs", self.check_epochs, 1)
         check_range("vab.label_share", self.label_share, 0.0, 1.0)
         check_range("vab.label_min_share", self.label_min_share, 0.0, 1.0)
+        if self.check_flags not in ("off", "all", "diverse"):
+            raise BdguardError(f"vab.check_flags must be off, all or diverse, got {self.check_flags!r}")
+        if self.label_within not in ("global", "otsu"):
+            raise BdguardError(f"vab.label_within must be global or otsu, got {self.label_within!r}")
 
     def label_rule(self) -> LabelRule:
-        return LabelRule(self.label_share, self.label_min_share, self.check_flags)
+        return LabelRule(self.label_share, self.label_min_share, self.check_flags, self.label_within)
 
     def victim_batch(self, samples: int) -> int:
         """The Victim's batch size on a set of `samples`: `victim_batch_size`, smaller where an epoch would take

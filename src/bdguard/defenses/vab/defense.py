@@ -183,7 +183,7 @@ class _VabRun:
         number = self.detector.rounds
         tau = threshold(number, self.params)
         self.flagged = split(normalised, tau)
-        self.guarded = self.suspicious = self.guard.split(self.flagged, self.data.labels)
+        self.guarded = self.suspicious = self.guard.split(self.flagged, self.data.labels, self.detector.history)
         row = {"round": number, "after_epoch": after_epoch, "tau": tau, "flagged_by_victim": int(self.flagged.sum())}
         row["attacked_labels"] = self.guard.attacked.nonzero().flatten().tolist()
         row.update(detector_metrics(normalised, self.suspicious, self.job.poisoned))
@@ -205,7 +205,7 @@ class _VabRun:
             self.guard.train_check(
                 self.job.bundle, self.data, self.flagged, train, self.params.check_epochs, self.runtime
             )
-            self.guarded = self.suspicious = self.guard.split(self.flagged, self.data.labels)
+            self.guarded = self.suspicious = self.guard.split(self.flagged, self.data.labels, self.detector.history)
             last = self.rounds[-1]
             last["attacked_labels"] = self.guard.attacked.nonzero().flatten().tolist()
             last.update(detector_metrics(self.detector.normalised(), self.suspicious, self.job.poisoned))

@@ -13,7 +13,14 @@ The check model never sees a flagged sample, and once found the attacked labels 
 agreement, which residual poison can turn, plays no part. No label stands out under an all-to-all attack (each
 label's poison comes from one class) or a clean-label one (its poison shows the target's content): the rule then
 falls back to the Victim's global split. With `check_flags`, the samples of an attacked label that the check model
-puts in another class are suspicious too, which catches poison the Victim's entropy missed.
+puts in another class are suspicious too, which catches poison the Victim's entropy missed; "diverse" leaves out
+those it puts in the label's look-alike (the class its clean samples are most often mistaken for), which are mostly
+clean.
+
+Inside an attacked label the Victim's global threshold flags the label's typical clean samples too (the Victim,
+trained mostly on that label's poison, is as sure of them); the default (`within` "otsu") takes instead the low side
+of the cut that best splits the label's own log-entropy in two, the poison's (with check flags among the Victim's
+flags).
 """
 
 from __future__ import annotations
@@ -41,7 +48,13 @@ from bdguard.training.trainer import make_augment
 class LabelRule:
     share: float  # of a label's flagged samples that must be diverse contradictions
     min_share: float  # ... and at least this share of the training set (never fewer than MIN_COUNT)
-    check_flags: bool  # samples of an attacked label that the check model contradicts are suspicious too
+    # samples of an attacked label that the check model contradicts are suspicious too: "all" of them, "diverse" (all
+    # but those it puts in the label's look-alike) or "off"
+    check_flags: str
+    # inside an attacked label: "global", the Victim's flags (the round's tau on the whole set's normalised entropy);
+    # "otsu", the low side of the cut that best splits the label's own log-entropy in two (its clean samples, of
+    # which the Victim is sure too, sit above it), with check flags only among the Victim's flags
+    within: str
 
 
 MIN_COUNT = 10  # diverse contradictions a label needs at the least, whatever the set's size
@@ -114,17 +127,61 @@ def attacked_labels(
     return (diverse >= least) & (diverse >= rule.share * flagged_per_label)
 
 
+def otsu_low(values: torch.Tensor) -> torch.Tensor:
+    """bool mask of the values below Otsu's cut: the cut between sorted values that maximises the between-group
+    variance n_low * n_high * (mean_low - mean_high)^2."""
+    if values.numel() < 2:
+        return torch.zeros_like(values, dtype=torch.bool)
+    ordered = values.double().sort().values
+    n = ordered.numel()
+    low_sum = ordered.cumsum(0)[:-1]
+    n_low = torch.arange(1, n, dtype=torch.float64, device=values.device)
+    mean_low = low_sum / n_low
+    mean_high = (ordered.sum() - low_sum) / (n - n_low)
+    best = int((n_low * (n - n_low) * (mean_low - mean_high) ** 2).argmax())
+    return values.double() <= ordered[best]
+
+
+def look_alikes(
+    labels: torch.Tensor, predicted: torch.Tensor, credible: torch.Tensor, num_classes: int
+) -> torch.Tensor:
+    """int64 (K,): for each label, the other class the check model most often puts its credible samples in."""
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long, device=labels.device)
+    chosen = credible.nonzero().flatten()
+    ones = torch.ones(chosen.numel(), dtype=torch.long, device=labels.device)
+    confusion.index_put_((labels[chosen], predicted[chosen]), ones, accumulate=True)
+    confusion.fill_diagonal_(-1)
+    return confusion.argmax(dim=1)
+
+
 def label_split(
-    flagged: torch.Tensor, labels: torch.Tensor, predicted: torch.Tensor, attacked: torch.Tensor, rule: LabelRule
+    flagged: torch.Tensor,
+    labels: torch.Tensor,
+    predicted: torch.Tensor,
+    attacked: torch.Tensor,
+    rule: LabelRule,
+    entropy: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The suspicious mask: the Victim's flags inside the attacked labels (with `check_flags`, and their samples
-    the check model contradicts); the Victim's flags as they are when no label is attacked."""
+    the check model contradicts); the Victim's flags as they are when no label is attacked. With `rule.within`
+    "otsu", inside each attacked label the low side of Otsu's cut on log `entropy` (the Victim's raw scores) instead
+    of the Victim's flags, and check flags only among those."""
     if not attacked.any():
         return flagged
     inside = attacked[labels]
-    if rule.check_flags:
-        return inside & (flagged | (predicted != labels))
-    return inside & flagged
+    contradicted = predicted != labels
+    if rule.check_flags == "diverse":
+        contradicted &= predicted != look_alikes(labels, predicted, ~flagged, attacked.numel())[labels]
+    checked = rule.check_flags != "off"
+    if rule.within == "otsu":
+        if entropy is None:
+            raise ValueError("the otsu split inside a label needs the Victim's entropy")
+        low = torch.zeros_like(flagged)
+        for label in attacked.nonzero().flatten().tolist():
+            members = (labels == label).nonzero().flatten()
+            low[members] = otsu_low(entropy[members].clamp_min(1e-12).log())
+        return inside & (low | (flagged & contradicted)) if checked else inside & low
+    return inside & (flagged | contradicted) if checked else inside & flagged
 
 
 class LabelGuard:
@@ -157,10 +214,11 @@ class LabelGuard:
         train_check_model(model, optimizer, data, credible, *args)
         self.predicted = victim_logits(model, data.images, config.eval_batch_size, runtime).argmax(dim=1)
 
-    def split(self, flagged: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The suspicious mask for the Victim's flags `flagged`. Until some label stands out the rule is asked again
-        at every round (the Victim may single out a small poison late); once found, the attacked labels are fixed:
-        late in a run the Victim grows sure of hard classes too, whose flags the check model also disputes."""
+    def split(self, flagged: torch.Tensor, labels: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
+        """The suspicious mask for the Victim's flags `flagged` (and its raw scores `entropy`). Until some label
+        stands out the rule is asked again at every round (the Victim may single out a small poison late); once
+        found, the attacked labels are fixed: late in a run the Victim grows sure of hard classes too, whose flags
+        the check model also disputes."""
         if self.predicted is None:
             return flagged
         if not self.attacked.any():
@@ -171,7 +229,8 @@ class LabelGuard:
                 log(f"V&B label rule: attacked label(s) {names}; the other labels' flags go back to the credible set")
             else:
                 log("V&B label rule: no label stands out; the Victim's global split stands")
-        return label_split(flagged, labels, self.predicted, self.attacked.to(labels.device), self.rule)
+        attacked = self.attacked.to(labels.device)
+        return label_split(flagged, labels, self.predicted, attacked, self.rule, entropy)
 
     def state_dict(self) -> dict[str, Any]:
         return {"predicted": self.predicted, "attacked": self.attacked}
