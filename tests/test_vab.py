@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bdguard.data import DataConfig, load_dataset
 from bdguard.data.augment import Augment
 from bdguard.data.base import ImageSet, PoisonedSet
 from bdguard.defenses import DEFENSES, DefenseConfig, build_defense
@@ -25,6 +26,7 @@ from bdguard.defenses.vab.suppression import pseudo_targets, soft_cross_entropy,
 from bdguard.defenses.vab.victim import EntropyDetector, entropy_scores, split, victim_epoch, victim_logits
 from bdguard.errors import BdguardError
 from bdguard.models import build_model
+from bdguard.training import TrainConfig
 from bdguard.training.runtime import Runtime
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -546,3 +548,13 @@ def test_diverse_check_flags_leave_out_the_labels_look_alike():
         flagged, labels, predicted, attacked, LabelRule(0.3, 0.0, check_flags="all", within="global")
     )
     assert all_checks.tolist() == [True, True, True, True, False, False, True, True, False, False]
+
+
+def test_a_victim_that_flags_everything_leaves_no_check_model_and_the_global_split():
+    bundle = load_dataset(DataConfig(dataset="synthetic"))
+    data = bundle.train.subset(torch.arange(50))
+    guard = LabelGuard(RULE, bundle.num_classes, bundle.classes)
+    everything = torch.ones(50, dtype=torch.bool)
+    guard.train_check(bundle, data, everything, TrainConfig(model="small-cnn", device="cpu"), 1, CPU)
+    assert guard.predicted is None
+    assert torch.equal(guard.split(everything, data.labels, torch.ones(50)), everything)

@@ -204,11 +204,14 @@ class LabelGuard:
     ) -> None:
         """Train the check model (the run's architecture, optimiser and augmentation, seed + 2) on the credible side
         of `flagged` and keep its class for every sample."""
+        credible = (~flagged).nonzero().flatten()
+        if credible.numel() == 0:  # nothing to learn the content from: the Victim's global split stands
+            log("V&B label rule: the Victim flagged every sample; no check model, the global split stands")
+            return
         config = dataclasses.replace(train, seed=train.seed + 2)
         model = runtime.prepare(new_model(bundle, config, runtime.device))
         optimizer = make_optimizer(model.parameters(), config)
         generator = epoch_generator(config.seed, 0, runtime.device)
-        credible = (~flagged).nonzero().flatten()
         augment = make_augment(config, bundle.flip)
         args = (epochs, config.batch_size, augment, generator, runtime, bundle.num_classes)
         train_check_model(model, optimizer, data, credible, *args)
