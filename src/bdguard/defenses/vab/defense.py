@@ -52,9 +52,9 @@ ENTROPY_CAPTION = "V&B: normalised prediction entropy of clean and poisoned trai
 class VabDefense(TrainingDefense):
     name = "vab"
     description = (
-        "V&B (Zhu et al., ICCV 2023): a Victim learns the backdoor and flags low-entropy samples; the Beneficiary "
-        "takes back early the flagged samples it already predicts as labelled, trains on the rest, then "
-        "semi-supervised with the Victim's beliefs suppressed (preset=paper: the reference method and schedule)"
+        "V&B (Zhu et al., ICCV 2023): a Victim learns the backdoor and flags low-entropy samples, kept only inside "
+        "the label(s) a check model finds attacked; the Beneficiary trains on the rest, then semi-supervised with "
+        "the Victim's beliefs suppressed (preset=paper: the reference method and schedule)"
     )
     Params = VabParams
     presets = {name: preset.params for name, preset in PRESETS.items()}
