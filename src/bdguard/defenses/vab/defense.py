@@ -201,10 +201,8 @@ class _VabRun:
             self._train_victim(_indices(self.flagged), f"victim warm-up round {self.detector.rounds}")
         self._score(after_epoch=0)
         if self.params.split_rule == "labels":
-            train = self.job.train
-            self.guard.train_check(
-                self.job.bundle, self.data, self.flagged, train, self.params.check_epochs, self.runtime
-            )
+            epochs = self.params.check_epochs
+            self.guard.train_check(self.job.bundle, self.data, self.flagged, self.job.train, epochs, self.runtime)
             self.guarded = self.suspicious = self.guard.split(self.flagged, self.data.labels, self.detector.history)
             last = self.rounds[-1]
             last["attacked_labels"] = self.guard.attacked.nonzero().flatten().tolist()

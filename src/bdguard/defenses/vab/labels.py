@@ -40,7 +40,7 @@ from bdguard.progress import log, progress_bar
 from bdguard.training.config import TrainConfig
 from bdguard.training.factory import new_model
 from bdguard.training.runtime import Runtime, batch_indices, epoch_generator, steps_per_epoch
-from bdguard.training.schedule import make_optimizer
+from bdguard.training.schedule import lr_factor, make_optimizer
 from bdguard.training.trainer import make_augment
 
 
@@ -71,28 +71,26 @@ def class_balanced(labels: torch.Tensor, index: torch.Tensor, num_classes: int, 
 def train_check_model(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
     data: ImageSet,
     credible: torch.Tensor,
     epochs: int,
-    batch_size: int,
     augment: Augment | None,
     generator: torch.Generator,
     runtime: Runtime,
     num_classes: int,
 ) -> None:
-    """`epochs` epochs of cross-entropy on class-balanced draws from the credible set, the lr annealed from the
-    optimizer's to 0 by a cosine over all steps (a short run that ends in a settled model). Every rank trains the
+    """`epochs` epochs of cross-entropy on class-balanced draws from the credible set, the lr following
+    `config.schedule` over all of them (cosine: a short run that ends in a settled model). Every rank trains the
     same model on the same batches: it is small and trained once."""
-    base = [group["lr"] for group in optimizer.param_groups]
-    steps = steps_per_epoch(credible.numel(), batch_size)
+    steps = steps_per_epoch(credible.numel(), config.batch_size)
     model.train()
     with progress_bar("V&B label check", epochs * steps, runtime.quiet) as bar:
         for epoch in range(epochs):
             drawn = class_balanced(data.labels, credible, num_classes, generator)
-            for step, batch in enumerate(batch_indices(drawn.numel(), batch_size, generator)):
-                done = (epoch * steps + step) / (epochs * steps)
-                for group, lr in zip(optimizer.param_groups, base, strict=True):
-                    group["lr"] = lr * 0.5 * (1.0 + math.cos(math.pi * done))
+            for step, batch in enumerate(batch_indices(drawn.numel(), config.batch_size, generator)):
+                for group in optimizer.param_groups:
+                    group["lr"] = config.lr * lr_factor(config, (epoch * steps + step) / (epochs * steps))
                 chosen = drawn[batch]
                 images = data.images[chosen] if augment is None else augment(data.images[chosen], generator)
                 with runtime.autocast():
@@ -208,13 +206,13 @@ class LabelGuard:
         if credible.numel() == 0:  # nothing to learn the content from: the Victim's global split stands
             log("V&B label rule: the Victim flagged every sample; no check model, the global split stands")
             return
-        config = dataclasses.replace(train, seed=train.seed + 2)
+        config = dataclasses.replace(train, seed=train.seed + 2, schedule="cosine")
         model = runtime.prepare(new_model(bundle, config, runtime.device))
         optimizer = make_optimizer(model.parameters(), config)
         generator = epoch_generator(config.seed, 0, runtime.device)
         augment = make_augment(config, bundle.flip)
-        args = (epochs, config.batch_size, augment, generator, runtime, bundle.num_classes)
-        train_check_model(model, optimizer, data, credible, *args)
+        args = (epochs, augment, generator, runtime, bundle.num_classes)
+        train_check_model(model, optimizer, config, data, credible, *args)
         self.predicted = victim_logits(model, data.images, config.eval_batch_size, runtime).argmax(dim=1)
 
     def split(self, flagged: torch.Tensor, labels: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
