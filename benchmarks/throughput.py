@@ -69,7 +69,10 @@ def main() -> None:
     sync()
     began = time.perf_counter()
     for idx in batch_indices(len(train), config.batch_size, generator):
-        trainer.inputs(train.images[idx], generator)
+        images = train.images[idx]
+        if trainer.augment is not None:
+            images = trainer.augment(images, generator)
+        trainer.runtime.inputs(images)
         train.labels[idx]
     sync()
     data_seconds = time.perf_counter() - began

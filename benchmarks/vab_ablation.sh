@@ -54,6 +54,7 @@ declare -A VARIANTS=(
     [no-check-flags]="--defense vab --set vab.check_flags=off"
     [all-check-flags]="--defense vab --set vab.check_flags=all"
     [otsu]="--defense vab --set vab.label_within=otsu"
+    [suppress-attacked]="--defense vab --set vab.suppress_labels=attacked"
     [filter]="--defense vab --set vab.split_rule=global --set vab.stage_a_fraction=1"
     [filter-mix]="--defense vab --set vab.split_rule=global --set vab.mix_share=1 --set vab.stage_a_fraction=1"
     [filter-mix-b]="--defense vab --set vab.split_rule=global --set vab.mix_share=1"
@@ -66,7 +67,7 @@ declare -A VARIANTS=(
     [two-views]="--defense vab --set vab.views=2"
     [vab-schedule]="--defense vab --set vab.lr_schedule=vab"
 )
-ORDER=(none paper default global round-two no-check-flags all-check-flags otsu filter filter-mix filter-mix-b refine label-gate mix half-mix no-stage-b refine-suppress-a two-views vab-schedule)
+ORDER=(none paper default global round-two no-check-flags all-check-flags otsu suppress-attacked filter filter-mix filter-mix-b refine label-gate mix half-mix no-stage-b refine-suppress-a two-views vab-schedule)
 
 EXTRA=()
 NAMES=()

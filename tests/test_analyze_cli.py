@@ -64,7 +64,8 @@ def test_analyze_defaults_to_the_real_trigger_only(models, tmp_path, capsys):
     cells = [(cell["model"], cell["input"]) for cell in result["gradcam"]]
     assert cells == [("backdoored", "clean"), ("backdoored", "real trigger")]
     assert result["neural_cleanse"] is None and result["trigger"] == "oracle"
-    assert sorted(p.name for p in out.iterdir()) == ["analysis.json", "gradcam.png", "norms.json", "norms.png"]
+    names = ["analysis.json", "config.json", "gradcam.png", "norms.json", "norms.png"]
+    assert sorted(p.name for p in out.iterdir() if p.name != ".lock") == names
 
 
 @pytest.mark.parametrize(

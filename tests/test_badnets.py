@@ -119,3 +119,12 @@ def test_test_set_excludes_the_target_class():
 def test_bad_parameters_are_refused(kwargs, message):
     with pytest.raises(BdguardError, match=message):
         _badnets(**kwargs)
+
+
+def test_a_decompression_bomb_as_patch_image_is_refused(tmp_path, monkeypatch):
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 16)  # 64x64 is then "a bomb", as 20000x20000 is by default
+    with pytest.raises(BdguardError, match="cannot read badnets.patch_image .*decompression bomb"):
+        _badnets(params={"patch_image": str(tmp_path / "huge.png")})

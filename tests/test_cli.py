@@ -201,3 +201,45 @@ def test_the_demo_settings_are_the_documented_ones():
     # as a defender runs it (reversed trigger, auto budget), and with the real trigger
     assert [(d, p) for _, d, p in demo.DEMO_REPAIRS] == [("linf-prune", {}), ("linf-prune", {"trigger": "oracle"})]
     assert demo.repair_config("linf-prune", {}).data == config.data
+
+
+@pytest.mark.parametrize(
+    "command, module, hint",
+    [
+        (["repair", "--model", "m.safetensors"], "cli.repair.run_repair", "run the same command again to redo it"),
+        (["detect"], "runs.detect.run_detect", "run the same command again: the model it trains resumes"),
+    ],
+)
+def test_ctrl_c_names_how_each_command_continues(tmp_path, capsys, monkeypatch, command, module, hint):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(f"bdguard.{module}", interrupted)
+    code, _, err = run_cli(capsys, *command, "--dataset", "synthetic", "--out", str(tmp_path / "out"))
+    assert code == 130 and err.strip() == f"bdguard: interrupted; finished files are kept ({hint})"
+
+
+def test_repairs_summary_names_the_reversed_target_and_its_anomaly_index(tmp_path, capsys, monkeypatch):
+    figures = {"ba": 0.9, "asr": 0.05, "ra": 0.8}
+    trigger = {"target": 3, "anomaly_index": 4.25, "backdoored": True}
+    results = {**figures, "before": figures, "pruned_fraction": 0.0, "neural-cleanse": {"trigger": trigger}}
+    monkeypatch.setattr("bdguard.cli.repair.run_repair", lambda *args, **kwargs: results)
+    argv = ["repair", "--model", "m.safetensors", "--dataset", "synthetic", "--defense", "neural-cleanse"]
+    code, printed, _ = run_cli(capsys, *argv, "--out", str(tmp_path / "r"))
+    assert code == 0 and "reversed target 3 (anomaly index 4.25: backdoored)" in printed
+
+
+def test_the_target_may_be_named_by_its_class(tmp_path, capsys):
+    from bdguard.cli.main import build_parser
+    from bdguard.cli.options import run_config
+
+    def target(*argv):
+        return run_config(build_parser().parse_args(["train", *argv, "--out", str(tmp_path / "r")])).attack.target
+
+    assert target("--dataset", "fashion-mnist", "--target", "Coat") == 4
+    assert target("--dataset", "synthetic", "--target", "3") == 3
+    for name in ("cat", "dog"):
+        (tmp_path / "set" / name).mkdir(parents=True)
+    assert target("--dataset", f"imagefolder:{tmp_path / 'set'}", "--target", "dog") == 1  # folders sort by name
+    code, _, err = run_cli(capsys, "train", "--dataset", "synthetic", "--target", "cat", "--out", str(tmp_path / "r"))
+    assert_one_line_error(code, err, "synthetic has no class 'cat'; its classes: 'class0', 'class1'")

@@ -189,16 +189,30 @@ def test_imagefolder_grayscale_stays_one_channel(tmp_path):
     assert load_dataset(DataConfig(f"imagefolder:{tmp_path / 'gray'}")).image_shape == (3, 8, 8)
 
 
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    for label, value in enumerate((30000, 1000)):
+        for i in range(5):
+            path = tmp_path / "set" / "ab"[label] / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((8, 8), value, np.uint16)).save(path)
+    bundle = load_dataset(DataConfig(f"imagefolder:{tmp_path / 'set'}"))
+    assert bundle.image_shape == (1, 8, 8)
+    values = {int(bundle.train.labels[i]): int(bundle.train.images[i].max()) for i in range(len(bundle.train))}
+    assert values == {0: round(30000 / 257), 1: round(1000 / 257)}  # 117 and 4, not 255 and 255
+
+
 @pytest.mark.parametrize(
     ("setup", "message"),
     [
+        (lambda root: make_class_tree(root, ["a"], per_class=10), "a classifier needs at least two classes; found 1"),
+        (lambda root: make_class_tree(root, ["a", "b"], per_class=5, size=(1, 1)), "images are 1x1; the models need"),
         (lambda root: (root / "a").mkdir(parents=True) or (root / "a" / "x.png").write_bytes(b"junk"), "x.png"),
         (lambda root: root.mkdir() or (root / "loose.png").write_bytes(b"junk"), "class sub-folders"),
         (lambda root: (root / "a").mkdir(parents=True), "holds no images"),
         (lambda root: None, "does not exist"),
         (lambda root: root.write_text("a file"), "not a folder"),
     ],
-    ids=["unreadable-image", "no-class-folders", "empty-class", "missing", "file"],
+    ids=["one-class", "one-pixel", "unreadable-image", "no-class-folders", "empty-class", "missing", "file"],
 )
 def test_imagefolder_bad_input(tmp_path, setup, message):
     setup(tmp_path / "set")
@@ -237,6 +251,11 @@ def test_second_load_reads_the_cache_without_decoding(tmp_path, monkeypatch):
     assert len(calls) == 3
 
 
+def _edit_meta(entry: Path, **changes) -> None:
+    meta = json.loads((entry / "meta.json").read_text())
+    (entry / "meta.json").write_text(json.dumps({**meta, **changes}))
+
+
 @pytest.mark.parametrize(
     "damage",
     [
@@ -246,8 +265,12 @@ def test_second_load_reads_the_cache_without_decoding(tmp_path, monkeypatch):
         lambda entry: np.save(entry / "test_images.npy", np.zeros((1, 3, 8, 8), np.uint8)),
         # a build killed mid-write: its temporary file left, meta.json gone
         lambda entry: [(entry / ".train_images.npy.k1ll.tmp").write_bytes(b"half"), (entry / "meta.json").unlink()],
+        # hand-edited entries of the right shapes and types: a label out of range, a class dropped, a negative std
+        lambda entry: np.save(entry / "train_labels.npy", np.load(entry / "train_labels.npy") + 7),
+        lambda entry: _edit_meta(entry, classes=["a"]),
+        lambda entry: _edit_meta(entry, std=[-1.0, 0.1, 0.1]),
     ],
-    ids=["truncated", "missing-array", "corrupt-meta", "wrong-shape", "killed-build"],
+    ids=["truncated", "missing-array", "corrupt-meta", "wrong-shape", "killed-build", "label-range", "classes", "std"],
 )
 def test_damaged_cache_entry_is_rebuilt(tmp_path, monkeypatch, damage):
     make_class_tree(tmp_path / "set", ["a", "b"], per_class=5)
@@ -261,6 +284,19 @@ def test_damaged_cache_entry_is_rebuilt(tmp_path, monkeypatch, damage):
     assert torch.equal(first.test.images, rebuilt.test.images)
     assert load_dataset(config).extra["from_cache"] and len(calls) == 2
     assert not list(Path(first.extra["cache"]).glob(".*.tmp"))  # what a killed build left is cleaned up
+
+
+def test_a_change_behind_a_linked_class_folder_is_seen(tmp_path, monkeypatch):
+    make_class_tree(tmp_path / "elsewhere", ["b"], per_class=5)
+    make_class_tree(tmp_path / "set", ["a"], per_class=5)
+    (tmp_path / "set" / "b").symlink_to(tmp_path / "elsewhere" / "b")
+    (tmp_path / "set" / "a" / "loop").symlink_to(tmp_path / "set")  # a link loop: counted once, never followed
+    calls = count_loads(monkeypatch, ImageFolderSource)
+    config = DataConfig(f"imagefolder:{tmp_path / 'set'}")
+    first = load_dataset(config)
+    write_image(tmp_path / "elsewhere" / "b" / "new.png", color(1))
+    second = load_dataset(config)
+    assert len(calls) == 2 and len(second.train) + len(second.test) == len(first.train) + len(first.test) + 1
 
 
 def test_a_second_builder_waits_for_the_first_and_reads_its_entry(tmp_path, monkeypatch):

@@ -169,6 +169,10 @@ def test_detection_auroc_reads_higher_scores_as_more_suspicious():
     metrics = detection_metrics(scores, scores > 0.5, truth)
     assert metrics["auroc"] == 1.0 and metrics["tpr"] == 1.0 and metrics["fpr"] == 0.0
     assert detection_metrics(-scores, scores > 0.5, truth)["auroc"] == 0.0
+    # nothing poisoned (no attack): no ground truth to measure against, only the count flagged
+    nothing = detection_metrics(scores, scores > 0.5, torch.zeros_like(truth))
+    assert nothing["suspicious"] == 2 and nothing["credible"] == 3
+    assert all(nothing[key] is None for key in ("tpr", "fpr", "precision", "residual", "auroc"))
 
 
 def _foreign_model(path: Path) -> Path:

@@ -113,6 +113,9 @@ def test_one_process_at_a_time_writes_a_run_folder_and_a_dead_one_leaves_no_lock
         (["--set", "blended.alpha=0.3"], "blended is not the chosen attack (badnets)"),
         (["--set", "colour=red"], "unknown setting 'badnets.colour'"),  # checked before the data loads
         (["--target", "12"], "attack target 12 is not a class (synthetic has 10)"),
+        (["--set", "train=1"], "--set train=1: train is a section of settings; name one of its keys"),
+        (["--attack", "none", "--set", "size=1"], "unknown setting 'none.size': none takes no settings"),
+        (["--set", "train.model_kwargs.depth=3"], "model 'small-cnn' has no option depth"),
     ],
 )
 def test_non_finite_and_overflowing_settings_are_refused_at_once(tmp_path, capsys, monkeypatch, flags, message):
@@ -126,3 +129,94 @@ def test_non_finite_and_overflowing_settings_are_refused_at_once(tmp_path, capsy
 def test_a_model_path_that_is_a_folder_is_named_so(trained, capsys):
     code, _, err = run_cli(capsys, "evaluate", "--model", str(trained), "--dataset", "synthetic")
     assert_one_line_error(code, err, "is a folder; pass the .safetensors file in it")
+
+
+@pytest.mark.parametrize("device", ["mps", "xla", "meta", "cuda:7"])
+def test_a_device_this_machine_cannot_train_on_is_refused(tmp_path, capsys, monkeypatch, device):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # even with CUDA, there is no eighth GPU here
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    code, _, err = run_cli(capsys, *TRAIN, "--epochs", "1", "--device", device, "--out", str(tmp_path / "run"))
+    assert_one_line_error(code, err, f"device {device!r}")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        # 9 levels of 10 aliases: 10**9 entries once expanded
+        (
+            "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
+            + "".join(
+                f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+            ),
+            "uses YAML aliases",
+        ),
+        ("train: {5: x}\n", "setting names must be text, got 5"),
+        ("train:\n  seed: 20000000000000\n", "train.seed must be in [0, 4294967295]"),
+    ],
+    ids=["alias-bomb", "number-key", "huge-seed"],
+)
+def test_hostile_config_files_are_refused_at_once(tmp_path, capsys, text, message):
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    code, _, err = run_cli(capsys, *TRAIN, "--config", str(config), "--out", str(tmp_path / "run"))
+    assert_one_line_error(code, err, message)
+    code, _, err = run_cli(capsys, "bench", str(config), "--out", str(tmp_path / "bench"))
+    assert code == 2 and "Traceback" not in err
+
+
+def test_a_seed_too_large_for_the_generators_is_refused(tmp_path, capsys):
+    code, _, err = run_cli(capsys, *TRAIN, "--seed", "20000000000000", "--out", str(tmp_path / "run"))
+    assert_one_line_error(code, err, "train.seed must be in [0, 4294967295], got 20000000000000")
+
+
+def test_sidecar_records_of_the_wrong_type_are_refused_before_any_work(trained, tmp_path, capsys):
+    import json
+    import shutil
+
+    model = tmp_path / "model.safetensors"
+    shutil.copy(trained / "model.safetensors", model)
+    sidecar = json.loads((trained / "model.json").read_text())
+    (tmp_path / "model.json").write_text(json.dumps({**sidecar, "extra": {"defense": "none"}}))
+    code, _, err = run_cli(
+        capsys, "repair", "--model", str(model), "--dataset", "synthetic", "--out", str(tmp_path / "r")
+    )
+    assert_one_line_error(code, err, "extra.defense must be an object")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda state: state.pop("history"),
+        lambda state: state["trainer"]["model"].update({"renamed.weight": state["trainer"]["model"].pop("fc.weight")}),
+        lambda state: state["trainer"].update({"optimizer": {}}),
+    ],
+    ids=["missing-key", "renamed-parameter", "empty-optimizer"],
+)
+def test_a_checkpoint_of_this_run_but_another_layout_is_refused_in_one_line(tmp_path, capsys, damage):
+    out = tmp_path / "run"
+    argv = [*TRAIN, "--epochs", "1", "--batch-size", "64", "--out", str(out)]
+    assert main(argv) == 0
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    damage(state)
+    torch.save(state, out / "checkpoint.pt")
+    code, _, err = run_cli(capsys, *argv, "--resume")
+    assert_one_line_error(code, err, "does not hold this run's state")
+
+
+def test_a_model_of_other_classes_of_the_same_shape_is_refused(trained, tmp_path, capsys):
+    import json
+    import shutil
+
+    model = tmp_path / "model.safetensors"
+    shutil.copy(trained / "model.safetensors", model)
+    sidecar = json.loads((trained / "model.json").read_text())
+    classes = [f"kind{i}" for i in range(len(sidecar["classes"]))]
+    (tmp_path / "model.json").write_text(json.dumps({**sidecar, "classes": classes, "dataset": "elsewhere"}))
+    code, _, err = run_cli(capsys, "evaluate", "--model", str(model), "--dataset", "synthetic")
+    assert_one_line_error(code, err, "was trained on elsewhere, whose classes differ from synthetic's")
+    (tmp_path / "model.json").write_text(json.dumps({**sidecar, "dataset": "a copy of synthetic"}))
+    code, _, err = run_cli(capsys, "evaluate", "--model", str(model), "--dataset", "synthetic")
+    assert code == 0 and "was trained on a copy of synthetic; it reads synthetic" in err

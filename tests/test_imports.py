@@ -78,8 +78,25 @@ def test_every_import_points_down_the_layers():
             continue
         package = parts[0]
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("bdguard."):
-                imported = node.module.split(".")[1]
+            for imported in _bdguard_packages(node):
                 if layer[imported] > layer[package]:
                     upward.append(f"{'/'.join(parts)} imports bdguard.{imported}")
     assert not upward, upward
+
+
+def _bdguard_packages(node: ast.AST) -> list[str]:
+    """The bdguard packages an import statement reads, in any of its forms: `from bdguard.X import ...`, `from
+    bdguard import X`, `import bdguard.X`."""
+    if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == "bdguard":
+        return [alias.name for alias in node.names if alias.name != "__version__"]
+    if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("bdguard."):
+        return [node.module.split(".")[1]]
+    if isinstance(node, ast.Import):
+        return [alias.name.split(".")[1] for alias in node.names if alias.name.startswith("bdguard.")]
+    return []
+
+
+def test_the_layer_check_sees_every_form_of_import():
+    forms = ["from bdguard.cli import main", "from bdguard import cli", "import bdguard.cli.main as m"]
+    assert [_bdguard_packages(ast.parse(text).body[0]) for text in forms] == [["cli"], ["cli"], ["cli"]]
+    assert _bdguard_packages(ast.parse("from bdguard import __version__").body[0]) == []

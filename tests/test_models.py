@@ -345,6 +345,17 @@ def test_weight_mismatches_refused(tmp_path):
     _write_raw(path, state, meta_for("small-cnn", num_classes=4))
     with pytest.raises(BdguardError, match=r"shape mismatches \(2\): fc\.weight \(10, 128\) != \(4, 128\)"):
         load_model(path)
+    for dtype in (torch.int8, torch.bool):
+        _write_raw(path, {**state, "fc.weight": state["fc.weight"].to(dtype)}, meta_for("small-cnn"))
+        with pytest.raises(BdguardError, match=rf"type mismatches \(1\): fc\.weight {dtype} where"):
+            load_model(path)
+    _write_raw(
+        path,
+        {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in state.items()},
+        meta_for("small-cnn"),
+    )
+    with pytest.raises(BdguardError, match=r"non-finite values \(\d+\): "):
+        load_model(path)
 
 
 def test_metadata_problems_refused(tmp_path):
@@ -364,6 +375,7 @@ def test_metadata_problems_refused(tmp_path):
         ({"classes": ["a"]}, "classes must have num_classes entries"),
         ({"arch_kwargs": {"width": 2}}, "no option width"),
         ({"colour": "red"}, r"unknown keys \['colour'\]"),
+        ({"extra": {"defense": "none"}}, "extra.defense must be an object"),
     ]:
         sidecar.write_text(json.dumps({**good, **change}))
         with pytest.raises(BdguardError, match=message):

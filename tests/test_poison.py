@@ -67,14 +67,18 @@ def test_gallery_is_a_png_with_content(badnets_run):
     _assert_gallery_png(badnets_run / "gallery.png", min_width=4 * 160)
 
 
-def test_attack_seed_flags_agree_and_out_is_overwritten(badnets_run, tmp_path):
+def test_attack_seed_flags_agree_and_a_folder_takes_one_poisoning(badnets_run, tmp_path, capsys):
     out = tmp_path / "again"
-    assert main([*BADNETS, "--seed", "1", "--out", str(out)]) == 0
     assert main([*BADNETS, "--attack-seed", "5", "--out", str(out)]) == 0
     again, poison, _ = _load(out)
     first, first_poison, _ = _load(badnets_run)
     assert again["seed"] == 5 and again["poisoned_indices"] == first["poisoned_indices"]
     assert np.array_equal(poison, first_poison)
+    files = {path.name: path.read_bytes() for path in out.iterdir()}
+    code, _, err = run_cli(capsys, *BADNETS, "--attack-seed", "1", "--out", str(out))
+    assert_one_line_error(code, err, "holds a poisoned set of other settings: attack.seed: 5 -> 1")
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == files  # the refusal changed nothing
+    assert main([*BADNETS, "--seed", "5", "--out", str(out)]) == 0  # the same poisoning again: a retry
 
 
 def test_wanet_on_one_channel_digits(tmp_path, capsys):

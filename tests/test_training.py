@@ -109,8 +109,11 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, monkeyp
 
 def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
     run_train(_config(epochs=1), tmp_path / "run", quiet=True)
-    with pytest.raises(BdguardError, match="different settings"):
+    before = {path.name: path.read_bytes() for path in (tmp_path / "run").iterdir() if path.name != ".lock"}
+    with pytest.raises(BdguardError, match=r"cannot resume: train\.lr: 0\.05 -> 0\.01"):
         run_train(_config(epochs=1, lr=0.01), tmp_path / "run", resume=True, quiet=True)
+    after = {path.name: path.read_bytes() for path in (tmp_path / "run").iterdir() if path.name != ".lock"}
+    assert after == before  # refused before anything was written
 
 
 def test_resume_refuses_a_damaged_or_foreign_checkpoint(tmp_path):

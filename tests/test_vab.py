@@ -21,9 +21,9 @@ from bdguard.defenses.vab.labels import (
     look_alikes,
     otsu_low,
 )
-from bdguard.defenses.vab.report import detector_metrics
-from bdguard.defenses.vab.suppression import pseudo_targets, soft_cross_entropy, suppress, victim_beliefs
-from bdguard.defenses.vab.victim import EntropyDetector, entropy_scores, split, victim_epoch, victim_logits
+from bdguard.defenses.vab.report import split_metrics
+from bdguard.defenses.vab.suppression import of_labels, pseudo_targets, soft_cross_entropy, suppress, victim_beliefs
+from bdguard.defenses.vab.victim import EntropyDetector, entropy_scores, entropy_split, victim_epoch, victim_logits
 from bdguard.errors import BdguardError
 from bdguard.models import build_model
 from bdguard.training import TrainConfig
@@ -209,14 +209,14 @@ def test_the_split_catches_planted_low_entropy_samples():
     detector = EntropyDetector(ema=0.75)
     normalised = detector.update(scores)
     assert float(normalised.min()) == 0.0 and float(normalised.max()) == 1.0
-    suspicious = split(normalised, 0.2)
+    suspicious = entropy_split(normalised, 0.2)
     assert torch.equal(suspicious, planted)
-    report = detector_metrics(normalised, suspicious, _poisoned(data, planted))
+    report = split_metrics(normalised, suspicious, _poisoned(data, planted))
     assert report["tpr"] == 1.0 and report["fpr"] == 0.0 and report["precision"] == 1.0
     assert report["residual"] == 0.0 and report["auroc"] == 1.0
     assert (report["suspicious"], report["credible"]) == (6, 34)
     # the sign is checked: calling the confident samples clean gives AUROC 0
-    assert detector_metrics(normalised, suspicious, _poisoned(data, ~planted))["auroc"] == 0.0
+    assert split_metrics(normalised, suspicious, _poisoned(data, ~planted))["auroc"] == 0.0
 
 
 def test_entropy_history_is_an_ema_of_raw_scores():
@@ -229,7 +229,7 @@ def test_entropy_history_is_an_ema_of_raw_scores():
     assert torch.allclose(normalised, (history - history.min()) / (history.max() - history.min()))
     assert detector.rounds == 2
     flat = EntropyDetector(ema=0.75)
-    assert not split(flat.update(torch.ones(5)), 0.2).any()  # equal scores carry no signal: nothing flagged
+    assert not entropy_split(flat.update(torch.ones(5)), 0.2).any()  # equal scores carry no signal: nothing flagged
 
 
 def test_entropy_of_a_certain_prediction_is_zero_not_nan():
@@ -432,6 +432,29 @@ def test_stage_a_suppression_takes_away_what_the_victim_is_sure_of():
     unsure = torch.zeros(24, 10)  # uniform beliefs: each target keeps 1 - 1/10 of its weight
     result = stage_a_epoch(ben, data, torch.arange(24), _generator(), "", LR, victim_logits=unsure)
     assert result["loss"] > 0 and any(not torch.equal(before[k], v) for k, v in ben.model.named_parameters())
+
+
+def test_stage_b_suppresses_the_credible_targets_of_the_given_labels_only():
+    ben, _, data = _beneficiary(n=32)
+    sure = F.one_hot(data.labels, 10).float() * 1000  # a Victim certain of every given label
+    everything = torch.arange(32)
+    attacked = torch.zeros(10, dtype=torch.bool)
+    attacked[int(data.labels[0])] = True
+    result = stage_b_epoch(ben, sure, data, everything, everything[:0], 0.5, _generator(), "", LR, attacked)
+    inside = data.labels == int(data.labels[0])
+    assert inside.any() and (~inside).any()
+    assert torch.all(result.suppression_weight[inside] == 0.0)  # the attacked label: suppressed to nothing
+    assert torch.all(result.suppression_weight[~inside] == 1.0)  # the others: their full label
+    everywhere = stage_b_epoch(ben, sure, data, everything, everything[:0], 0.5, _generator(), "", LR)
+    assert torch.all(everywhere.suppression_weight == 0.0)  # no labels given: every label suppressed (the reference)
+
+
+def test_of_labels_keeps_the_beliefs_of_the_suppressed_labels_only():
+    beliefs = torch.full((3, 4), 0.25)
+    labels = torch.tensor([0, 2, 3])
+    kept = of_labels(beliefs, labels, torch.tensor([False, False, True, True]))
+    assert kept.tolist() == [[0.0] * 4, [0.25] * 4, [0.25] * 4]
+    assert of_labels(beliefs, labels, None) is beliefs
 
 
 # -- the label rule (labels.py) -------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ _FALSE = {"0", "false", "no", "off"}
 _NONE = {"none", "null", ""}
 INT_LIMIT = 2**63  # what a torch int64 holds: a larger count is a typo, and torch would fail on it deep inside
 MAX_DEPTH = 32  # tables nested deeper than this in a config file are refused before anything walks them
+MAX_SEED = 2**32 - 1  # a seed is mixed with epoch and round numbers into torch's 64-bit generator seeds
 
 
 @dataclass
@@ -128,9 +129,11 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
+    if unknown and not fields:
+        owner = prefix.rstrip(".") or cls.__name__
+        raise BdguardError(f"unknown setting '{prefix}{unknown[0]}': {owner} takes no settings")
     if unknown:
-        known = ", ".join(fields)
-        raise BdguardError(f"unknown setting '{prefix}{unknown[0]}'; known: {known}")
+        raise BdguardError(f"unknown setting '{prefix}{unknown[0]}'; known: {', '.join(fields)}")
     kwargs = {key: coerce(value, hints[key], f"{prefix}{key}") for key, value in data.items()}
     return cls(**kwargs)
 
@@ -190,7 +193,7 @@ def load_file(path: str | Path) -> dict[str, Any]:
         if path.suffix == ".toml":
             data = tomllib.loads(path.read_text())
         elif path.suffix in (".yaml", ".yml"):
-            data = yaml.safe_load(path.read_text()) or {}
+            data = _load_yaml(path.read_text(), path)
         else:
             raise BdguardError(f"config file must end in .toml, .yaml or .yml: {path}")
     except (tomllib.TOMLDecodeError, yaml.YAMLError, UnicodeDecodeError) as exc:
@@ -201,7 +204,32 @@ def load_file(path: str | Path) -> dict[str, Any]:
         raise BdguardError(f"config file {path} must hold a table of settings")
     if nesting_depth(data) > MAX_DEPTH:
         raise BdguardError(f"config file {path} is nested too deeply (at most {MAX_DEPTH} levels)")
+    _check_names(data, path)
     return data
+
+
+def _load_yaml(text: str, path: Path) -> Any:
+    """YAML without anchors and aliases: a few hundred bytes of nested aliases expand to gigabytes, and settings
+    never need them."""
+    if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
+        raise BdguardError(f"config file {path} uses YAML aliases (*name); write the settings out instead")
+    return yaml.safe_load(text) or {}
+
+
+def _check_names(data: Mapping[str, Any], path: Path) -> None:
+    """Every table key is a setting's name: text (YAML would also take numbers, booleans or null)."""
+    level: list[Any] = [data]
+    while level:
+        children: list[Any] = []
+        for item in level:
+            if isinstance(item, Mapping):
+                bad = next((key for key in item if not isinstance(key, str)), None)
+                if bad is not None:
+                    raise BdguardError(f"config file {path}: setting names must be text, got {bad!r}")
+                children.extend(item.values())
+            elif isinstance(item, list | tuple):
+                children.extend(item)
+        level = children
 
 
 def nesting_depth(value: Any, limit: int = MAX_DEPTH + 1) -> int:
@@ -233,6 +261,10 @@ def with_preset(
     if name not in presets:
         raise BdguardError(f"{owner} has no preset {name!r}; presets: {', '.join(presets) or 'none'}")
     return merge(dict(presets[name]), settings)
+
+
+def check_seed(name: str, value: int) -> None:
+    check_range(name, value, 0, MAX_SEED)
 
 
 def check_range(name: str, value: float, low: float | None = None, high: float | None = None) -> None:

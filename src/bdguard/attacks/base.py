@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from bdguard.config import NoParams, check_range, from_dict, with_preset
+from bdguard.config import NoParams, check_range, check_seed, from_dict, with_preset
 from bdguard.data.base import DataBundle, ImageSet, PoisonedSet, TriggeredSet
 from bdguard.errors import BdguardError
 
@@ -29,6 +29,7 @@ class AttackConfig:
     def __post_init__(self) -> None:
         check_range("attack rate", self.rate, 0.0, 1.0)
         check_range("attack target", self.target, 0)
+        check_seed("attack.seed", self.seed)
 
 
 @dataclass(frozen=True)

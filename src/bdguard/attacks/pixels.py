@@ -37,7 +37,7 @@ def read_image(path: str, channels: int, what: str, size: tuple[int, int] | None
             if size is not None:
                 img = img.resize((size[1], size[0]), Image.BICUBIC)
             array = np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise BdguardError(f"cannot read {what} {path}: {exc}") from None
     tensor = torch.from_numpy(array.copy())
     if tensor.dim() == 3:

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from bdguard.attacks import ATTACKS, AttackConfig
-from bdguard.config import RootConfig, from_dict, load_file, merge, to_dict
+from bdguard.config import RootConfig, check_seed, from_dict, load_file, merge, to_dict
 from bdguard.data import DataConfig
 from bdguard.defenses import DEFENSES, DefenseConfig, build_defense
 from bdguard.detectors import DETECTORS, DetectorConfig, build_detector
 from bdguard.errors import BdguardError
-from bdguard.models import MODELS
+from bdguard.models.base import check_model_options
 from bdguard.runs.repair import ProbeConfig
 from bdguard.training import TrainConfig
 
@@ -93,14 +93,14 @@ class BenchConfig(RootConfig):
                 raise BdguardError(f"the suite's {kind} list repeats an entry: {list(names)}")
         if len(set(self.detectors)) != len(self.detectors):
             raise BdguardError(f"the suite's detectors list repeats an entry: {list(self.detectors)}")
-        if min(self.seeds) < 0:
-            raise BdguardError(f"seeds must be >= 0, got {list(self.seeds)}")
+        for seed in self.seeds:
+            check_seed("seeds", seed)
         # unknown names and bad options fail here, before any run starts
         for name in {*self.attacks, *self.by_attack}:
             ATTACKS.get(name)
         for name in {*self.defenses, *self.by_defense}:
             DEFENSES.get(name)
-        MODELS.get(self.train.model)
+        check_model_options(self.train.model, self.train.model_kwargs)
         for attack in self.attacks:
             config = self.attack_config(attack, self.seeds[0])
             ATTACKS.get(attack).parse_params(config.params)
@@ -111,7 +111,8 @@ class BenchConfig(RootConfig):
             self.detector_train_config(detector, self.seeds[0])
         for defense in self.defenses:
             build_defense(self.defense_config(defense))
-            MODELS.get(self.train_config(defense, self.seeds[0]).model)
+            train = self.train_config(defense, self.seeds[0])
+            check_model_options(train.model, train.model_kwargs)
 
     def attack_config(self, attack: str, seed: int) -> AttackConfig:
         own = self.by_attack.get(attack, AttackSettings())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bdguard.cli.options import ATTACK_FLAGS, DATA_FLAGS, add_config_flags, add_flags, config_tree
+from bdguard.cli.options import ATTACK_FLAGS, DATA_FLAGS, EXCLUDE_FLAGS, add_config_flags, add_flags, config_tree
 from bdguard.cli.options import TRAIN_FLAGS as RUN_TRAIN_FLAGS
 
 DESCRIPTION = """\
@@ -20,9 +20,9 @@ is (e.g. --dataset imagefolder:PATH). spectral, activation-clustering and strip 
 FILE, or the undefended model trained on the set into --out/model/ (--arch, --epochs, ...). vab and abl train
 what they need. Detector options go to --set (e.g. --set eps=0.05)."""
 
-# train's flags for the model a detection trains: --arch names the architecture, since --model is a model file here
+# train's flags for the model a detection trains: --arch names the architecture, and not --model, a model file here
 TRAIN_FLAGS = [
-    ("--arch", dotted, extra) if flag == "--model" else (flag, dotted, extra)
+    ("--arch", dotted, extra) if dotted == "train.model" else (flag, dotted, extra)
     for flag, dotted, extra in RUN_TRAIN_FLAGS
     if flag != "--defense"
 ]
@@ -55,7 +55,7 @@ def add_detect_parser(sub: argparse._SubParsersAction) -> None:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_flags(parser, DATA_FLAGS + ATTACK_FLAGS, DetectConfig)
+    add_flags(parser, DATA_FLAGS + EXCLUDE_FLAGS + ATTACK_FLAGS, DetectConfig)
     add_flags(parser, DETECT_FLAGS + TRAIN_FLAGS, DetectConfig)
     parser.add_argument("--model", help="a model.safetensors trained on this set (model-based detectors)")
     add_config_flags(parser, "a detector option (e.g. eps=0.05), or a full path such as train.epochs=5")

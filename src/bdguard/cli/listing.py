@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import typing
 
 from rich import box
 from rich.console import Console
@@ -15,23 +16,37 @@ from bdguard.defenses import DEFENSES
 from bdguard.detectors import DETECTORS
 from bdguard.models import MODELS
 
-# a pipe or file gets wide lines rather than rich's 80-column default
-_console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+# a terminal gets its own width; a pipe or file 120 columns, which one setting per line keeps readable
+_console = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+
+
+def _value(value: object) -> str:
+    """A default as a person writes it: 16/255 rather than 0.06274509803921569, 0.1 rather than 0.1000001."""
+    if not isinstance(value, float):
+        return str(value)
+    short, steps = f"{value:g}", value * 255
+    if len(short) > 6 and 0 < value < 1 and abs(steps - round(steps)) < 1e-9:  # a step of an 8-bit pixel value
+        return f"{round(steps)}/255"
+    return short
 
 
 def _params(cls: type) -> str:
+    """One setting per line: name=default, and the choices where the setting takes one of a few."""
     fields = dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ()
+    hints = typing.get_type_hints(cls) if fields else {}
     parts = []
     for f in fields:
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        parts.append(f"{f.name}={default}")
-    return ", ".join(parts) or "-"
+        choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is typing.Literal else ()
+        shown = f" ({'|'.join(map(str, choices))})" if choices else ""
+        parts.append(f"{f.name}={_value(default)}{shown}")
+    return "\n".join(parts) or "-"
 
 
 def _table(*columns: str) -> Table:
     table = Table(box=box.SIMPLE_HEAD, show_lines=False)
-    for column in columns:
-        table.add_column(column, overflow="fold")
+    for column in columns:  # the settings, one a line, get the room they need
+        table.add_column(column, overflow="fold", min_width=34 if column.startswith("parameters") else None)
     return table
 
 
@@ -48,7 +63,7 @@ def list_attacks() -> int:
     for name in ATTACKS:
         cls = ATTACKS.get(name)
         labels = "clean-label" if cls.clean_label else "poison-label"
-        rate = "fraction of the target class" if cls.clean_label else "fraction of the whole set"
+        rate = "of the target class" if cls.clean_label else "of the whole set"
         if not cls.has_trigger:
             labels, rate = "-", "-"
         table.add_row(name, labels, rate, _params(cls.Params), ", ".join(cls.presets) or "-")

@@ -56,6 +56,14 @@ def build_parser() -> Parser:
     return parser
 
 
+AGAIN = "run the same command again to redo it"
+AFTER_A_STOP = {  # how each command continues after Ctrl-C
+    "train": "continue with --resume",
+    "bench": "run the same bench again: finished cells are kept",
+    "detect": "run the same command again: the model it trains resumes",
+}
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, what schedulers and `docker stop` send: handled like Ctrl-C."""
 
@@ -67,8 +75,10 @@ def _terminate(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()  # only there can a handler be set
     previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    command = None
     try:
         args = build_parser().parse_args(argv)
+        command = args.command
         if distributed.launched() and args.command != "train":  # the other commands would write N times over
             raise BdguardError(f"only `bdguard train` runs under torchrun, not `bdguard {args.command}`")
         return args.handler(args)
@@ -82,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as exc:
         what = "terminated" if isinstance(exc, Terminated) else "interrupted"
-        print(f"bdguard: {what}; finished files are kept (continue with --resume)", file=sys.stderr)
+        if distributed.environment_rank() == 0:  # under torchrun the launcher stops every rank: one says so
+            print(f"bdguard: {what}; finished files are kept ({AFTER_A_STOP.get(command, AGAIN)})", file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
     finally:
         if in_main_thread:

@@ -34,6 +34,10 @@ def _repair(args: argparse.Namespace) -> int:
     if results.get("asr") is not None:
         parts += [f"ASR {before['asr']:.2%} -> {results['asr']:.2%}", f"RA {before['ra']:.2%} -> {results['ra']:.2%}"]
     parts.append(f"pruned {results['pruned_fraction']:.1%}")
+    trigger = (results.get(config.defense.name) or {}).get("trigger")
+    if isinstance(trigger, dict) and trigger.get("anomaly_index") is not None:  # a defense that reverses a trigger
+        verdict = "backdoored" if trigger.get("backdoored") else "no backdoor found"
+        parts.append(f"reversed target {trigger['target']} (anomaly index {trigger['anomaly_index']:.2f}: {verdict})")
     print("  ".join(parts) + f"  ({Path(args.out) / 'results.json'})")
     return 0
 

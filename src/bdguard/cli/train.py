@@ -5,13 +5,25 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bdguard.cli.options import ATTACK_FLAGS, DATA_FLAGS, TRAIN_FLAGS, add_config_flags, add_flags, run_config
+from bdguard.cli.options import (
+    ATTACK_FLAGS,
+    DATA_FLAGS,
+    EXCLUDE_FLAGS,
+    TRAIN_FLAGS,
+    add_config_flags,
+    add_flags,
+    run_config,
+)
 
 
 def _train(args: argparse.Namespace) -> int:
+    from bdguard.runs.folder import recorded_config
     from bdguard.runs.train import run_train
 
-    results = run_train(run_config(args, primary="attack"), args.out, resume=args.resume, quiet=args.quiet)
+    # --resume continues the run with its recorded settings; flags given with it change them (and are refused
+    # where the checkpoint cannot take them)
+    base = recorded_config(Path(args.out)) if args.resume else None
+    results = run_train(run_config(args, "attack", base), args.out, resume=args.resume, quiet=args.quiet)
     if results:  # under torchrun, only the main rank's run has results to show
         _print_results(results, Path(args.out))
     return 0
@@ -39,10 +51,14 @@ def _print_results(results: dict, out: Path | None) -> None:
 
 def add_train_parsers(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="train a model on a (poisoned) data set, with or without a defense")
-    add_flags(train, DATA_FLAGS + ATTACK_FLAGS + TRAIN_FLAGS)
+    add_flags(train, DATA_FLAGS + EXCLUDE_FLAGS + ATTACK_FLAGS + TRAIN_FLAGS)
     add_config_flags(train, "an attack option (e.g. patch_size=4), or a full path such as train.momentum=0.8")
     train.add_argument("--out", required=True, help="run folder")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its last checkpoint, with the settings it recorded (config.json)",
+    )
     train.add_argument("--quiet", action="store_true", help="no progress bars, only plain log lines")
     train.set_defaults(handler=_train)
 

@@ -22,6 +22,9 @@ class DataConfig:
     cache_dir: str | None = None  # default: $BDGUARD_CACHE, else ~/.cache/bdguard
     # Keep this many training images (a subset drawn with a fixed seed, the same for every run): quick runs on a CPU.
     train_size: int | None = None
+    # Leave out these training samples (after poisoning, in load order): a .npy of bool flags over the training set
+    # (`bdguard detect`'s flagged.npy) or of sample indices. The practitioner's retraining without what was flagged.
+    exclude: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.dataset, str) or not self.dataset.strip():

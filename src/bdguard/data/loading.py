@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,18 @@ def make_source(config: DataConfig) -> DatasetSource:
     """The source for `config.dataset`: a registered name, or "<name>:<argument>" as in imagefolder:<path>."""
     name, sep, arg = config.dataset.partition(":")
     return DATASETS.get(name)(config, arg if sep else None)
+
+
+def class_index(config: DataConfig, name: str) -> int:
+    """The label of the class called `name` (as `bdguard datasets` and the model files spell it), read from the data
+    set's registry entry or its class folders, without decoding an image."""
+    classes = make_source(config).class_names()
+    if classes is None:
+        raise BdguardError(f"{config.dataset} names its classes only once decoded: give the target as a class index")
+    if name not in classes:
+        shown = ", ".join(repr(c) for c in classes[:12]) + (", ..." if len(classes) > 12 else "")
+        raise BdguardError(f"{config.dataset} has no class {name!r}; its classes: {shown}")
+    return classes.index(name)
 
 
 def known_class_count(config: DataConfig) -> int | None:
@@ -84,11 +97,18 @@ def _from_cache(entry: Path, identity: str) -> tuple[RawSplits, tuple[tuple[floa
     if hit is None:
         return None
     arrays, meta = hit
+    # a hand-edited or foreign entry is rebuilt rather than trusted: everything the decoder would have checked is
+    # checked again on every hit
     try:
-        raw = RawSplits(*(arrays[key] for key in ARRAYS), tuple(meta["classes"]), str(meta["source"]))
-        return raw, (tuple(meta["mean"]), tuple(meta["std"]))
-    except (KeyError, TypeError):  # a hand-edited or foreign meta.json: rebuild rather than trust it
+        raw = RawSplits(*(arrays[key] for key in ARRAYS), tuple(map(str, meta["classes"])), str(meta["source"]))
+        raw.validate(str(entry))
+        mean, std = tuple(float(m) for m in meta["mean"]), tuple(float(s) for s in meta["std"])
+    except (KeyError, TypeError, ValueError, BdguardError):
         return None
+    channels = raw.train_images.shape[1]
+    if len(mean) != channels or len(std) != channels or not all(map(math.isfinite, mean + std)) or min(std) < 0:
+        return None
+    return raw, (mean, std)
 
 
 def _decode(source: DatasetSource) -> tuple[RawSplits, tuple[tuple[float, ...], tuple[float, ...]]]:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from bdguard.config import check_range
 from bdguard.data.augment import Augment
 from bdguard.data.base import ImageSet
-from bdguard.defenses.base import DefenseResult, TrainingDefense, TrainingJob, detector_summary
+from bdguard.defenses.base import DefenseResult, TrainingDefense, TrainingJob, detector_entry
 from bdguard.defenses.registry import DEFENSES
 from bdguard.defenses.vab.victim import victim_logits
 from bdguard.errors import BdguardError
@@ -284,9 +284,10 @@ class _AblRun:
         state = None
         if self.job.resume and self.checkpoint is not None and self.checkpoint.exists():
             state = self.checkpoint.load(self.job.device, self.job.clock)
-            self.stage, self.epoch = state["stage"], int(state["epoch"])
-            self.losses, self.isolated = state["losses"], state["isolated"]
-            self.history, self.seconds = list(state["history"]), dict(state["seconds"])
+            with self.checkpoint.restoring():
+                self.stage, self.epoch = STAGES[STAGES.index(state["stage"])], int(state["epoch"])
+                self.losses, self.isolated = state["losses"], state["isolated"]
+                self.history, self.seconds = list(state["history"]), dict(state["seconds"])
             log(f"ABL: resuming after {self.stage} epoch {self.epoch} from {self.checkpoint.path}")
         for stage in STAGES[STAGES.index(self.stage) :]:
             if self.schedule.epochs(stage) == 0:
@@ -294,7 +295,8 @@ class _AblRun:
             data = self._data(stage)
             trainer = self._trainer(stage, data)
             if state is not None and stage == state["stage"]:
-                trainer.load_state_dict(state["trainer"])
+                with self.checkpoint.restoring():
+                    trainer.load_state_dict(state["trainer"])
             else:
                 self.stage, self.epoch = stage, 0
             for epoch in range(self.epoch + 1, self.schedule.epochs(stage) + 1):
@@ -342,9 +344,7 @@ class _AblRun:
     def _detector(self) -> dict[str, Any]:
         """The isolation measured against the ground truth: for reports only."""
         poisoned = self.job.poisoned
-        return detector_summary(
-            detection_metrics(-self.losses, self.isolated, poisoned.poison_mask, poisoned.cross_mask)
-        )
+        return detector_entry(detection_metrics(-self.losses, self.isolated, poisoned.poison_mask, poisoned.cross_mask))
 
     def _finish(self) -> DefenseResult:
         run_dir = self.job.run_dir

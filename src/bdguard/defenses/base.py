@@ -62,7 +62,7 @@ class DefenseResult:
         }
 
 
-def detector_summary(metrics: dict[str, Any]) -> dict[str, Any]:
+def detector_entry(metrics: dict[str, Any]) -> dict[str, Any]:
     """The contract's detector entry from `training.metrics.detection_metrics`' output."""
     return {"flagged": metrics["suspicious"], **{key: metrics[key] for key in DETECTOR_KEYS if key != "flagged"}}
 

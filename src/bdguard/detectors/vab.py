@@ -14,7 +14,7 @@ from bdguard.defenses.vab.config import VictimParams
 from bdguard.defenses.vab.defense import victim_train_config
 from bdguard.defenses.vab.labels import LabelGuard
 from bdguard.defenses.vab.schedule import threshold
-from bdguard.defenses.vab.victim import EntropyDetector, entropy_scores, split, victim_epoch, victim_logits
+from bdguard.defenses.vab.victim import EntropyDetector, entropy_scores, entropy_split, victim_epoch, victim_logits
 from bdguard.detectors.base import Detection, DetectionJob, Detector
 from bdguard.detectors.registry import DETECTORS
 from bdguard.progress import log
@@ -51,7 +51,7 @@ class VabDetector(Detector):
             logits = victim_logits(victim, job.data.images, job.train.eval_batch_size, runtime)
             normalised = detector.update(entropy_scores(logits))
             tau = threshold(detector.rounds, params)
-            flagged = split(normalised, tau)
+            flagged = entropy_split(normalised, tau)
             chosen = flagged.nonzero().flatten()
             rounds.append({"round": detector.rounds, "tau": tau, "flagged": chosen.numel()})
             log(f"vab: round {detector.rounds} (tau {tau:g}): {chosen.numel()} of {len(job.data)} flagged")

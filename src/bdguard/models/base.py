@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, get_type_hints
 
 import torch
@@ -89,16 +89,24 @@ ModelBuilder = Callable[..., BackdoorModel]
 MODELS: Registry[ModelBuilder] = Registry("model")
 
 
+def check_model_options(name: str, options: Mapping[str, Any]) -> Callable[..., BackdoorModel]:
+    """The builder of architecture `name`, once `options` are known to be among its own (checked before any data
+    loads)."""
+    builder = MODELS.get(name)
+    accepted = list(inspect.signature(builder).parameters)[4:]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise BdguardError(
+            f"model {name!r} has no option {', '.join(unknown)}; its options: {', '.join(accepted) or 'none'}"
+        )
+    return builder
+
+
 def build_model(
     name: str, num_classes: int, in_channels: int, mean: Sequence[float], std: Sequence[float], **kwargs: Any
 ) -> BackdoorModel:
     """Build a registered architecture; an unknown name or option is a BdguardError naming what is accepted."""
-    builder = MODELS.get(name)
-    options = list(inspect.signature(builder).parameters)[4:]
-    unknown = sorted(set(kwargs) - set(options))
-    if unknown:
-        accepted = ", ".join(options) or "none"
-        raise BdguardError(f"model {name!r} has no option {', '.join(unknown)}; its options: {accepted}")
+    builder = check_model_options(name, kwargs)
     # options given as --set strings ("2") get the type the builder declares
     hints = get_type_hints(builder.__init__ if inspect.isclass(builder) else builder)
     typed = {

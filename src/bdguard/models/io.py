@@ -25,6 +25,7 @@ from bdguard.io import atomic_path, write_text
 from bdguard.models.base import BackdoorModel, build_model
 
 HEADER_KEY = "bdguard"
+RECORDS = ("attack", "defense", "train", "repair")  # what bdguard records in `extra`: each a table of settings
 
 
 @dataclass
@@ -70,6 +71,9 @@ class ModelMeta:
         _require(all(v > 0 for v in self.std), "std must be > 0")
         _require(isinstance(self.dataset, str), "dataset must be a string")
         _require(isinstance(self.extra, Mapping), "extra must be an object")
+        for key in RECORDS:
+            record = self.extra.get(key)
+            _require(record is None or isinstance(record, Mapping), f"extra.{key} must be an object")
         self.arch_kwargs = dict(self.arch_kwargs)
         self.classes = list(self.classes)
         self.input_shape = list(self.input_shape)
@@ -204,6 +208,16 @@ def _check_state_dict(expected: Mapping[str, torch.Tensor], got: Mapping[str, to
             f"{k} {tuple(got[k].shape)} != {tuple(v.shape)}"
             for k, v in expected.items()
             if k in got and got[k].shape != v.shape
+        ],
+        # an int8 or bool tensor where the model keeps floats would be cast without a word
+        "type mismatches": [
+            f"{k} {got[k].dtype} where the model keeps {v.dtype}"
+            for k, v in expected.items()
+            if k in got and got[k].is_floating_point() != v.is_floating_point()
+        ],
+        # NaN or infinite weights give a model that answers one class whatever it sees
+        "non-finite values": [
+            k for k, v in got.items() if k in expected and v.is_floating_point() and not bool(torch.isfinite(v).all())
         ],
     }
     problems = [

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 import platform
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -25,9 +26,10 @@ from typing import Any
 
 from bdguard import __version__
 from bdguard.errors import BdguardError
-from bdguard.io import read_json, write_text
+from bdguard.io import write_text
 from bdguard.progress import log
-from bdguard.reporting.figures import detector_curves, read_jsonl, training_curve
+from bdguard.reporting.figures import detector_curves, training_curve
+from bdguard.reporting.files import folder_inside, pngs, read_bytes, read_json_dict, read_json_file, read_jsonl
 from bdguard.stats import mean_std
 
 # the figures of the poisoning gallery and of `analyze`; a defense's come captioned in its results.json (`figures`)
@@ -70,28 +72,45 @@ class Group:
     defenses: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)  # bench cells that failed: "attack / defense / seed k: error"
     detections: list[dict[str, Any]] = field(default_factory=list)  # a bench's detection rows (detections.csv)
+    detection_folders: list[Path] = field(default_factory=list)  # detect folders given: their figures are shown
+
+
+def _environment(results: dict[str, Any]) -> dict[str, Any]:
+    env = results.get("environment")
+    return env if isinstance(env, dict) else {}
 
 
 def _commands(results: dict[str, Any]) -> list[str]:
-    command = (results.get("environment") or {}).get("command")
-    return [command] if command else []
+    command = _environment(results).get("command")
+    return [str(command)] if command else []
 
 
 def _seed(folder: Path) -> int | None:
     try:
-        return int(read_json(folder / "config.json")["config"]["train"]["seed"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return int(read_json_dict(folder, folder / "config.json")["config"]["train"]["seed"])
+    except (ValueError, KeyError, TypeError):
         return None
 
 
+def _analysis(folder: Path) -> Path | None:
+    """The analyze folder of a run (its `analysis/`), when it holds an analysis."""
+    analysis = folder_inside(folder, folder / "analysis")
+    return analysis if analysis is not None and read_json_file(analysis, analysis / "analysis.json") else None
+
+
 NUMBERS = ("ba", "asr", "ra", "seconds")  # what the report computes with: each a number (or null)
+CELL_KEYS = ("attack", "defense", "folder")  # what a bench's cell row must name to be reported
 
 
 def read_results(path: Path) -> dict[str, Any]:
-    """A run's results.json, refused with its path and what is wrong when it is truncated or holds other types."""
+    """A run's results.json (a regular file of its folder), refused with its path and what is wrong when it is
+    truncated or holds other types."""
+    raw = read_bytes(path.parent, path)
+    if raw is None:
+        raise BdguardError(f"{path} is not a regular file of its folder")
     try:
-        data = read_json(path)
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
         raise BdguardError(f"{path} is not readable JSON ({exc}); a run killed while writing it? rerun it") from None
     if not isinstance(data, dict):
         raise BdguardError(f"{path} holds no table of results")
@@ -102,32 +121,49 @@ def read_results(path: Path) -> dict[str, Any]:
     return data
 
 
+def _names(value: Any) -> list[str]:
+    return [str(name) for name in value] if isinstance(value, list) else []
+
+
+def _named(row: dict[str, Any], keys: Iterable[str]) -> bool:
+    return all(isinstance(row.get(key), str) for key in keys)
+
+
 def _bench_group(folder: Path, data: dict[str, Any]) -> Group:
-    config = data.get("config") or {}
-    group = Group(f"suite {data.get('suite', folder.name)} ({folder})", data.get("description") or "")
-    group.attacks = list(config.get("attacks") or [])
-    group.defenses = list(config.get("defenses") or [])
+    config = _part(data, "config")
+    group = Group(f"suite {data.get('suite', folder.name)} ({folder})", str(data.get("description") or ""))
+    group.attacks, group.defenses = _names(config.get("attacks")), _names(config.get("defenses"))
     for row in data["cells"]:
+        if not isinstance(row, dict) or not _named(row, CELL_KEYS):
+            log(f"warning: {folder}/results.json: a cell without {', '.join(CELL_KEYS)} left out of the report")
+            continue
         if row.get("status") == "failed":
-            group.failed.append(f"{row['attack']} / {row['defense']} / seed {row['seed']}: {row.get('error')}")
+            group.failed.append(f"{row['attack']} / {row['defense']} / seed {row.get('seed')}: {row.get('error')}")
         if row.get("status") != "done":
             continue
-        cell = folder / row["folder"]
+        cell = folder_inside(folder, folder / row["folder"])
+        if cell is None:
+            log(f"warning: cell {row['folder']!r} is not a folder inside {folder}; left out of the report")
+            continue
         try:
             results = read_results(cell / "results.json")
         except BdguardError as exc:
             log(f"warning: {exc}; cell left out of the report")
             continue
-        record = read_json(cell / "cell.json") if (cell / "cell.json").exists() else {}
-        commands = record.get("commands") or _commands(results)
-        analysis = cell / "analysis" if (cell / "analysis" / "analysis.json").exists() else None
-        group.entries.append(Entry(cell, row["attack"], row["defense"], row["seed"], results, commands, analysis))
-    for poison in sorted((folder / "poison").glob("*/manifest.json")):
-        group.galleries[poison.parent.name] = poison.parent
-    group.detections = list(data.get("detections") or [])
+        commands = read_json_dict(cell, cell / "cell.json").get("commands")
+        commands = [str(c) for c in commands] if isinstance(commands, list) else _commands(results)
+        seed = row.get("seed") if isinstance(row.get("seed"), int) else None
+        group.entries.append(Entry(cell, row["attack"], row["defense"], seed, results, commands, _analysis(cell)))
+    poisons = folder_inside(folder, folder / "poison")
+    for poison in [] if poisons is None else sorted(poisons.iterdir()):
+        if folder_inside(poisons, poison) and read_json_file(poison, poison / "manifest.json") is not None:
+            group.galleries[poison.name] = poison
+    detections = data.get("detections")
+    rows = detections if isinstance(detections, list) else []
+    group.detections = [row for row in rows if isinstance(row, dict) and _named(row, ("attack", "detector"))]
     for row in group.detections:
         if row.get("status") == "failed":
-            where = f"{row['attack']} / detector {row['detector']} / seed {row['seed']}"
+            where = f"{row['attack']} / detector {row['detector']} / seed {row.get('seed')}"
             group.failed.append(f"{where}: {row.get('error')}")
     return group
 
@@ -148,19 +184,26 @@ def collect(folders: Iterable[Path]) -> tuple[list[Group], list[Path]]:
         elif isinstance(data, dict) and "ba" in data:
             key = (str(data.get("dataset")), str(data.get("model")))
             group = loose.setdefault(key, Group(f"runs: {key[0]}, {key[1]}", ""))
-            analysis = folder / "analysis" if (folder / "analysis" / "analysis.json").exists() else None
-            attack, defense = data.get("attack", "?"), data.get("defense", "?")
-            group.entries.append(Entry(folder, attack, defense, _seed(folder), data, _commands(data), analysis))
-        elif (folder / "manifest.json").exists():
-            manifest = read_json(folder / "manifest.json")
+            attack, defense = str(data.get("attack", "?")), str(data.get("defense", "?"))
+            entry = Entry(folder, attack, defense, _seed(folder), data, _commands(data), _analysis(folder))
+            group.entries.append(entry)
+        elif isinstance(data, dict) and isinstance(data.get("detector"), str):
+            group = loose.setdefault(("detect", ""), Group("detections (bdguard detect)", ""))
+            metrics = _part(data, "metrics")
+            row = {key: metrics.get(key) for key in ("auroc", "tpr", "fpr")}
+            names = {"attack": str(data.get("attack")), "detector": data["detector"], "status": "done"}
+            group.detections.append({**row, **names})
+            group.detection_folders.append(folder)
+        elif (manifest := read_json_file(folder, folder / "manifest.json")) is not None:
+            attack = manifest.get("attack", folder.name) if isinstance(manifest, dict) else folder.name
             group = loose.setdefault(("poison", ""), Group("poisoned sets", ""))
-            group.galleries[f"{manifest.get('attack', folder.name)} ({folder})"] = folder
-        elif (folder / "analysis.json").exists():
+            group.galleries[f"{attack} ({folder})"] = folder
+        elif read_json_file(folder, folder / "analysis.json") is not None:
             analyses.append(folder)
         else:
             raise BdguardError(
-                f"{folder} holds no results: expected a bench folder or a run folder (results.json), a poisoning "
-                "folder (manifest.json) or an analysis folder (analysis.json)"
+                f"{folder} holds no results: expected a bench folder or a run or detect folder (results.json), a "
+                "poisoning folder (manifest.json) or an analysis folder (analysis.json)"
             )
     for group in loose.values():
         group.attacks = list(dict.fromkeys(entry.attack for entry in group.entries))
@@ -199,8 +242,18 @@ def _esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _pct(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.1f}%"
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _part(results: dict[str, Any], key: str) -> dict[str, Any]:
+    """A nested table of a results.json; {} when it is missing or of another type (a damaged file)."""
+    value = results.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _pct(value: Any) -> str:
+    return f"{100 * value:.1f}%" if _number(value) else "–"
 
 
 def _data_uri(png: bytes) -> str:
@@ -217,8 +270,14 @@ def _pngs(folder: Path, prefix: str = "", declared: Iterable[dict[str, str]] = (
     captions, then the known ones of CAPTIONS, then any other by its name."""
     captions = {**CAPTIONS, **{f["file"]: f["caption"] for f in declared}}
     order = [f["file"] for f in declared] + list(CAPTIONS)
-    files = sorted(folder.glob("*.png"), key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name))
-    return [_figure(path.read_bytes(), prefix + captions.get(path.name, path.name)) for path in files]
+    files = sorted(pngs(folder), key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name))
+    figures = ((path, read_bytes(folder, path)) for path in files)
+    return [_figure(png, prefix + captions.get(path.name, path.name)) for path, png in figures if png is not None]
+
+
+def _declared(figure: Any) -> bool:
+    """A defense's declared figure: {"file": NAME.png, "caption": text}."""
+    return isinstance(figure, dict) and isinstance(figure.get("file"), str) and isinstance(figure.get("caption"), str)
 
 
 def _with_std(mean: float | None, std: float | None) -> str:
@@ -290,18 +349,18 @@ ROW_KEYS = (
     ("BA", lambda r: _pct(r.get("ba"))),
     ("ASR", lambda r: _pct(r.get("asr"))),
     ("RA", lambda r: _pct(r.get("ra"))),
-    ("BA before", lambda r: _pct((r.get("before") or {}).get("ba"))),
-    ("ASR before", lambda r: _pct((r.get("before") or {}).get("asr"))),
-    ("TPR", lambda r: _pct((r.get("detector") or {}).get("tpr"))),
-    ("FPR", lambda r: _pct((r.get("detector") or {}).get("fpr"))),
-    ("AUROC", lambda r: _fmt3((r.get("detector") or {}).get("auroc"))),
+    ("BA before", lambda r: _pct(_part(r, "before").get("ba"))),
+    ("ASR before", lambda r: _pct(_part(r, "before").get("asr"))),
+    ("TPR", lambda r: _pct(_part(r, "detector").get("tpr"))),
+    ("FPR", lambda r: _pct(_part(r, "detector").get("fpr"))),
+    ("AUROC", lambda r: _fmt3(_part(r, "detector").get("auroc"))),
     ("pruned", lambda r: _pct(r.get("pruned_fraction"))),
-    ("seconds", lambda r: "–" if r.get("seconds") is None else f"{r['seconds']:.0f}"),
+    ("seconds", lambda r: f"{r['seconds']:.0f}" if _number(r.get("seconds")) else "–"),
 )
 
 
-def _fmt3(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f}"
+def _fmt3(value: Any) -> str:
+    return f"{value:.3f}" if _number(value) else "–"
 
 
 def _rows_table(entries: list[Entry]) -> str:
@@ -321,7 +380,7 @@ def _rows_table(entries: list[Entry]) -> str:
 
 
 def _versions(results: dict[str, Any]) -> str:
-    env = results.get("environment") or {}
+    env = _environment(results)
     keys = ("bdguard", "torch", "python", "machine", "cuda")
     return ", ".join(f"{key} {env[key]}" for key in keys if env.get(key))
 
@@ -335,15 +394,16 @@ def _entry_details(entry: Entry) -> str:
     summary = f"{_esc(entry.attack)} / {_esc(entry.defense)}{seed}: {' '.join(parts)}"
     body = [_rows_table([entry])]
     figures = []
-    metrics = entry.folder / "metrics.jsonl"
-    if metrics.exists():
-        png = training_curve(read_jsonl(metrics), f"{entry.attack} / {entry.defense}: per epoch")
-        if png:
-            figures.append(_figure(png, "training: BA, ASR and RA after every epoch"))
+    rows = read_jsonl(entry.folder, entry.folder / "metrics.jsonl")
+    png = training_curve(rows, f"{entry.attack} / {entry.defense}: per epoch")
+    if png:
+        figures.append(_figure(png, "training: BA, ASR and RA after every epoch"))
     detector = detector_curves(entry.folder)
     if detector:
         figures.append(_figure(detector, "V&B detector: TPR, FPR, AUROC per scoring round; ROC of the final score"))
-    figures += _pngs(entry.folder, declared=r.get("figures") or ())
+    declared = r.get("figures")
+    declared = [f for f in declared if _declared(f)] if isinstance(declared, list) else []
+    figures += _pngs(entry.folder, declared=declared)
     if entry.analysis is not None:
         figures += _pngs(entry.analysis, "analysis: ")
     body.append("".join(figures))
@@ -370,7 +430,7 @@ def _detection_table(rows: list[dict[str, Any]]) -> str:
             mine = [row for row in done if row["attack"] == attack and row["detector"] == detector]
 
             def mean(key: str, mine=mine) -> float | None:
-                return mean_std([row[key] for row in mine if row.get(key) is not None])[0]
+                return mean_std([row[key] for row in mine if _number(row.get(key))])[0]
 
             auroc = mean("auroc")
             colour = "" if auroc is None else f' style="background:{_hue_colour(max(0.0, 2 * auroc - 1))}"'
@@ -395,11 +455,15 @@ def _group_html(group: Group, index: int) -> str:
         parts.append("<h3>All cells</h3>" + _rows_table(group.entries))
     if any(row.get("status") == "done" for row in group.detections):
         parts.append(_detection_table(group.detections))
+    for folder in group.detection_folders:
+        parts.append(f"<h3>{_esc(folder)}</h3>" + "".join(_pngs(folder)))
     if group.galleries:
         parts.append('<h3>Trigger galleries</h3><div class="galleries">')
         for attack, folder in group.galleries.items():
-            for path in sorted(folder.glob("gallery*.png")):
-                parts.append(_figure(path.read_bytes(), f"{attack}: {CAPTIONS['gallery.png']}"))
+            for path in pngs(folder):
+                png = read_bytes(folder, path) if path.name.startswith("gallery") else None
+                if png is not None:
+                    parts.append(_figure(png, f"{attack}: {CAPTIONS['gallery.png']}"))
         parts.append("</div>")
     if group.entries:
         parts.append("<h3>Cells</h3>" + "".join(_entry_details(entry) for entry in group.entries))
@@ -427,9 +491,13 @@ def render(groups: list[Group], analyses: list[Path], title: str) -> str:
 
 
 def write_report(folders: list[Path], out: Path, title: str | None = None) -> Path:
-    """Collect `folders` and write the report to `out`; returns its path."""
+    """Collect `folders` and write the report to `out` (an .html file); returns its path."""
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise BdguardError(f"--out {out} must name an .html file (the report never replaces a run's own files)")
+    if out.is_dir():
+        raise BdguardError(f"--out {out} is a folder; name the .html file to write")
     groups, analyses = collect(folders)
-    if not analyses and not any(group.entries or group.galleries for group in groups):
+    if not analyses and not any(group.entries or group.galleries or group.detections for group in groups):
         names = ", ".join(str(folder) for folder in folders)
         raise BdguardError(f"nothing to report in {names}: no finished cells or runs yet")
     if title is None:

@@ -30,6 +30,7 @@ from bdguard.io import json_safe, write_json
 from bdguard.models import BackdoorModel, load_model
 from bdguard.progress import log
 from bdguard.runs.common import check_model_data, environment, prepare_data, recorded_attack, use_device
+from bdguard.runs.folder import claim, run_folder
 from bdguard.runs.repair import ProbeConfig, take_probe
 from bdguard.training import TrainConfig
 
@@ -93,8 +94,8 @@ def run_analyze(
     """Analyse the model at `model_path` (and, beside it, a clean-trained one) and write the files listed in this
     module's docstring to `out`; returns what analysis.json holds."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise BdguardError(f"--out {out} exists and is not a folder")
+    settings = {**to_dict(config), "clean_model": None if clean_model_path is None else str(clean_model_path)}
+    claim(out, "analyze", settings, model_path)
     params = config.analysis
     device = use_device(config.train)
     model, meta = load_model(model_path, device)
@@ -104,79 +105,81 @@ def run_analyze(
     models = [(name, m) for name, (m, _, _) in loaded.items()]
     attack_config = config.attack or recorded_attack(meta)
     check_attack(attack_config)  # before the data set loads
-    began = time.perf_counter()
-    bundle = prepare_data(config.data, device)
-    for _, m_meta, path in loaded.values():
-        check_model_data(m_meta, bundle, path)
-    attack = build_attack(attack_config, bundle.num_classes, bundle.image_shape)
-    if not attack.has_trigger and params.trigger == "oracle":
-        raise BdguardError(f"attack {attack_config.name} has no trigger to analyse: pass --attack, or trigger=reverse")
-    attack.prepare(bundle, AttackContext(device, config.data.cache_path(), quiet))
+    with run_folder(out, "analyze", settings, model_path):
+        began = time.perf_counter()
+        bundle = prepare_data(config.data, device)
+        for _, m_meta, path in loaded.values():
+            check_model_data(m_meta, bundle, path)
+        attack = build_attack(attack_config, bundle.num_classes, bundle.image_shape)
+        if not attack.has_trigger and params.trigger == "oracle":
+            raise BdguardError(
+                f"attack {attack_config.name} has no trigger to analyse: pass --attack, or trigger=reverse"
+            )
+        attack.prepare(bundle, AttackContext(device, config.data.cache_path(), quiet))
 
-    probe = take_probe(bundle, config.probe)[0]
-    target = attack_config.target if attack.has_trigger and attack_config.mode == "all2one" else None
-    # triggered views of target-class images say nothing about the trigger: leave them out, as ASR does
-    images = probe.images if target is None else probe.images[probe.labels != target]
-    if params.example >= len(images):
-        raise BdguardError(f"analysis.example {params.example} is not among the {len(images)} probe images shown")
-    log(f"probe: {len(probe)} clean images ({config.probe.source}); {len(images)} analysed")
+        probe = take_probe(bundle, config.probe)[0]
+        target = attack_config.target if attack.has_trigger and attack_config.mode == "all2one" else None
+        # triggered views of target-class images say nothing about the trigger: leave them out, as ASR does
+        images = probe.images if target is None else probe.images[probe.labels != target]
+        if params.example >= len(images):
+            raise BdguardError(f"analysis.example {params.example} is not among the {len(images)} probe images shown")
+        log(f"probe: {len(probe)} clean images ({config.probe.source}); {len(images)} analysed")
 
-    triggers: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
-    columns = []
-    if attack.has_trigger:
-        real = attack.apply(images)
-        triggers["oracle"] = attack.apply
-        columns.append(GridColumn("real trigger", real, changed_pixels(images, real)))
-    reversed_: ReversedTrigger | None = None
-    if params.trigger == "reverse":
-        reversed_ = reverse_engineer(model, probe.images, params.nc, quiet)
-        triggers["reverse"] = reversed_.apply
-        columns.append(GridColumn("reversed trigger", reversed_.apply(images), reversed_.region()))
-    # on clean images the focus is measured where the (first) trigger would be
-    columns.insert(0, GridColumn("clean", images, columns[0].region))
+        triggers: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+        columns = []
+        if attack.has_trigger:
+            real = attack.apply(images)
+            triggers["oracle"] = attack.apply
+            columns.append(GridColumn("real trigger", real, changed_pixels(images, real)))
+        reversed_: ReversedTrigger | None = None
+        if params.trigger == "reverse":
+            reversed_ = reverse_engineer(model, probe.images, params.nc, quiet)
+            triggers["reverse"] = reversed_.apply
+            columns.append(GridColumn("reversed trigger", reversed_.apply(images), reversed_.region()))
+        # on clean images the focus is measured where the (first) trigger would be
+        columns.insert(0, GridColumn("clean", images, columns[0].region))
 
-    batch = config.train.eval_batch_size
-    cells = grid_cells(models, columns, batch)
-    out.mkdir(parents=True, exist_ok=True)
-    gradcam_grid(cells, columns, out / "gradcam.png", params.example)
-    if reversed_ is not None:
-        write_trigger_image(reversed_, out / "nc_trigger.png")
+        batch = config.train.eval_batch_size
+        cells = grid_cells(models, columns, batch)
+        gradcam_grid(cells, columns, out / "gradcam.png", params.example)
+        if reversed_ is not None:
+            write_trigger_image(reversed_, out / "nc_trigger.png")
 
-    # the trigger the pruning defenses would score with: the reversed one when asked for, else the real one
-    shown = "reverse" if reversed_ is not None else "oracle"
-    norms: dict[str, dict[str, Any]] = {}
-    for name, m in models:
-        summaries = {source: norm_summaries(m, images, apply, batch) for source, apply in triggers.items()}
-        norms[name] = {source: norms_json(summary) for source, summary in summaries.items()}
-        figure = out / ("norms.png" if m is model else "norms_clean.png")
-        plot_norms(figure, summaries[shown], f"{name} model, {shown} trigger, {len(images)} probe images")
-    write_json(out / "norms.json", json_safe({"layer": "features", "images": len(images), "models": norms}))
+        # the trigger the pruning defenses would score with: the reversed one when asked for, else the real one
+        shown = "reverse" if reversed_ is not None else "oracle"
+        norms: dict[str, dict[str, Any]] = {}
+        for name, m in models:
+            summaries = {source: norm_summaries(m, images, apply, batch) for source, apply in triggers.items()}
+            norms[name] = {source: norms_json(summary) for source, summary in summaries.items()}
+            figure = out / ("norms.png" if m is model else "norms_clean.png")
+            plot_norms(figure, summaries[shown], f"{name} model, {shown} trigger, {len(images)} probe images")
+        write_json(out / "norms.json", json_safe({"layer": "features", "images": len(images), "models": norms}))
 
-    result = {
-        "model_path": str(model_path),
-        "clean_model_path": None if clean_model_path is None else str(clean_model_path),
-        "dataset": bundle.name,
-        "attack": attack_config.name,
-        "target": target,
-        "trigger": params.trigger,
-        "probe": {
-            "source": config.probe.source,
-            "size": len(probe),
-            "seed": config.probe.seed,
-            "analysed": len(images),
-        },
-        "gradcam": [cell.to_json(target) for row in cells for cell in row],
-        "norms": {  # the headline of norms.json
-            name: {
-                source: {p: {key: stats[key] for key in ("top_auroc", "top_rel")} for p, stats in by_norm.items()}
-                for source, by_norm in by_source.items()
-            }
-            for name, by_source in norms.items()
-        },
-        "neural_cleanse": None if reversed_ is None else reversed_.to_json(),
-        "seconds": round(time.perf_counter() - began, 2),
-        "config": to_dict(config),
-        "environment": environment(),
-    }
-    write_json(out / "analysis.json", json_safe(result))
-    return result
+        result = {
+            "model_path": str(model_path),
+            "clean_model_path": None if clean_model_path is None else str(clean_model_path),
+            "dataset": bundle.name,
+            "attack": attack_config.name,
+            "target": target,
+            "trigger": params.trigger,
+            "probe": {
+                "source": config.probe.source,
+                "size": len(probe),
+                "seed": config.probe.seed,
+                "analysed": len(images),
+            },
+            "gradcam": [cell.to_json(target) for row in cells for cell in row],
+            "norms": {  # the headline of norms.json
+                name: {
+                    source: {p: {key: stats[key] for key in ("top_auroc", "top_rel")} for p, stats in by_norm.items()}
+                    for source, by_norm in by_source.items()
+                }
+                for name, by_source in norms.items()
+            },
+            "neural_cleanse": None if reversed_ is None else reversed_.to_json(),
+            "seconds": round(time.perf_counter() - began, 2),
+            "config": to_dict(config),
+            "environment": environment(),
+        }
+        write_json(out / "analysis.json", json_safe(result))
+        return result

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from bdguard import __version__, distributed
@@ -23,7 +24,6 @@ from bdguard.hashing import digest, settings_dict
 from bdguard.models import ModelMeta
 from bdguard.progress import log
 from bdguard.training import TrainConfig, resolve_device
-from bdguard.training.runtime import CHECKPOINT
 
 MODEL = "model.safetensors"
 RESULTS = "results.json"
@@ -72,16 +72,6 @@ def check_before_loading(data: DataConfig, attack: AttackConfig) -> None:
         raise BdguardError(f"attack target {attack.target} is not a class ({data.dataset} has {classes})")
 
 
-def refuse_run_folder(out: Path, command: str, models_too: bool = True) -> None:
-    """A run's folder belongs to its run: another command's files there (results.json above all) would replace the
-    run's. Refuses a training run's folder, and with `models_too` any folder holding a model."""
-    if out.exists() and not out.is_dir():
-        raise BdguardError(f"--out {out} exists and is not a folder")
-    if (out / CHECKPOINT).exists() or (models_too and (out / MODEL).exists()):
-        kind = "a training run" if (out / CHECKPOINT).exists() else "a model"
-        raise BdguardError(f"{out} holds {kind}: choose another --out for {command}")
-
-
 def poisoned_data(
     data: DataConfig,
     attack_config: AttackConfig,
@@ -105,8 +95,49 @@ def poisoned_data(
             store_poisoned(store / key, key, poisoned)
         else:
             log(f"poisoned set read from {store / key}")
+    if data.exclude is not None:
+        poisoned = without(poisoned, excluded_samples(Path(data.exclude), len(poisoned.train)), data.exclude)
     triggered = attack.test_set(bundle.test) if attack.has_trigger else None
     return bundle, attack, poisoned, triggered
+
+
+def excluded_samples(path: Path, size: int) -> torch.Tensor:
+    """bool (size,): the samples a .npy file of flags or of indices names (`data.exclude`)."""
+    where = f"data.exclude {path}"
+    try:
+        values = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise BdguardError(f"{where}: not a readable .npy array ({exc})") from None
+    if values.dtype == np.bool_ and values.shape == (size,):
+        return torch.from_numpy(values.copy())
+    if np.issubdtype(values.dtype, np.integer) and values.ndim == 1:
+        if values.size and (values.min() < 0 or values.max() >= size):
+            raise BdguardError(f"{where}: an index outside the {size} training samples")
+        mask = torch.zeros(size, dtype=torch.bool)
+        mask[torch.from_numpy(values.astype(np.int64))] = True
+        return mask
+    raise BdguardError(
+        f"{where} holds {values.dtype} {tuple(values.shape)}: expected bool flags over the {size} training samples "
+        "(detect's flagged.npy) or sample indices"
+    )
+
+
+def without(poisoned: PoisonedSet, dropped: torch.Tensor, source: str) -> PoisonedSet:
+    """The poisoned set less the `dropped` samples; the manifest counts them (and, from the ground truth the
+    manifest already holds, how many were poisoned)."""
+    dropped = dropped.to(poisoned.poison_mask.device)
+    if bool(dropped.all()):
+        raise BdguardError(f"data.exclude {source} leaves out every training sample")
+    keep = ~dropped
+    log(f"left out {int(dropped.sum())} of {len(dropped)} training samples listed in {source}")
+    manifest = {
+        **poisoned.manifest,
+        "excluded": int(dropped.sum()),
+        "excluded_poisoned": int((dropped & poisoned.poison_mask).sum()),
+        "excluded_from": source,
+    }
+    masks = (poisoned.poison_mask[keep], poisoned.cross_mask[keep], poisoned.original_labels[keep])
+    return PoisonedSet(poisoned.train.subset(keep), *masks, manifest)
 
 
 def recorded_attack(meta: ModelMeta) -> AttackConfig:
@@ -116,8 +147,19 @@ def recorded_attack(meta: ModelMeta) -> AttackConfig:
 
 
 def check_model_data(meta: ModelMeta, bundle: DataBundle, model_path: str | Path) -> None:
+    """Refuse a model of other images or classes than the data set's; a model of another data set with the same
+    classes (a copy of it, an image folder of it) is taken, with a word."""
     if list(bundle.image_shape) != list(meta.input_shape) or bundle.num_classes != meta.num_classes:
         raise BdguardError(
             f"model {model_path} expects {meta.num_classes} classes of {tuple(meta.input_shape)} images, "
             f"but {bundle.name} has {bundle.num_classes} classes of {bundle.image_shape} images"
         )
+    if list(meta.classes) != list(bundle.classes):
+        pairs = zip(meta.classes, bundle.classes, strict=True)
+        shown = [f"{mine!r} / {theirs!r}" for mine, theirs in pairs if mine != theirs]
+        raise BdguardError(
+            f"model {model_path} was trained on {meta.dataset}, whose classes differ from {bundle.name}'s "
+            f"({', '.join(shown[:3])}{', ...' if len(shown) > 3 else ''}): its figures would be meaningless"
+        )
+    if meta.dataset != bundle.name:
+        log(f"note: model {model_path} was trained on {meta.dataset}; it reads {bundle.name}, of the same classes")

@@ -27,8 +27,9 @@ from bdguard.data import DataBundle, DataConfig
 from bdguard.defenses import DefenseConfig
 from bdguard.detectors import Detection, DetectionJob, DetectorConfig, build_detector
 from bdguard.errors import BdguardError
-from bdguard.io import check_writable, run_lock, write_array, write_json, write_text
+from bdguard.io import write_array, write_json, write_text
 from bdguard.models import BackdoorModel, load_model
+from bdguard.models.base import check_model_options
 from bdguard.runs.common import (
     MODEL,
     RESULTS,
@@ -36,9 +37,9 @@ from bdguard.runs.common import (
     check_model_data,
     environment,
     poisoned_data,
-    refuse_run_folder,
     use_device,
 )
+from bdguard.runs.folder import claim, run_folder
 from bdguard.runs.train import RunConfig, run_train
 from bdguard.training import TrainConfig
 from bdguard.training.metrics import detection_metrics
@@ -101,15 +102,15 @@ def run_detect(
     as in `run_train`: the bench's detections read the very set its cells trained on."""
     out = Path(out)
     model_path = None if model_path is None else Path(model_path)
-    refuse_run_folder(out, "detect")
+    claim(out, "detect", to_dict(config), model_path)
     detector = build_detector(config.detector)  # an unknown name or a bad setting fails before the data loads
     if model_path is not None and not detector.uses_model:
         raise BdguardError(f"detector {detector.name} trains what it needs itself and reads no --model")
     if model_path is not None and not model_path.is_file():
         raise BdguardError(f"--model {model_path} is not a file")
     check_before_loading(config.data, config.attack)
-    check_writable(out)
-    with run_lock(out):
+    check_model_options(config.train.model, config.train.model_kwargs)  # what it trains, if it trains
+    with run_folder(out, "detect", to_dict(config), model_path):
         device = use_device(config.train)
         began = time.perf_counter()
         bundle, attack, poisoned, _ = poisoned_data(config.data, config.attack, device, quiet, poison_store)
@@ -145,7 +146,6 @@ def run_detect(
             "environment": environment(),
         }
         _write_outputs(out, config, detection, poisoned.train, bundle.classes, truth)
-        write_json(out / "config.json", {"config": to_dict(config), "environment": environment()})
         write_json(out / RESULTS, results)  # last: a results.json means the folder is complete
     return results
 

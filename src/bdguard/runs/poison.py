@@ -8,14 +8,14 @@ from typing import Any
 import torch
 
 from bdguard.config import check_range, to_dict
-from bdguard.io import check_writable, write_array, write_json
+from bdguard.io import write_array, write_json
 from bdguard.runs.common import (
     check_before_loading,
     environment,
     poisoned_data,
-    refuse_run_folder,
     use_device,
 )
+from bdguard.runs.folder import claim, run_folder
 from bdguard.runs.train import RunConfig
 
 GALLERY_ROWS = 6  # poisoned samples shown in gallery.png
@@ -31,13 +31,20 @@ def run_poison(
     """Poison the training set without training and write its record to `out`: manifest.json (the attack's
     manifest with the data set, per-class counts, the sample lists, config and environment; written last, so its
     presence means the folder is complete), poison_mask.npy and cross_mask.npy (bool (N,) in load order) and
-    gallery.png (`rows` poisoned samples beside their clean versions). An earlier poison folder is overwritten; a
-    training run's folder is refused. `poison_store` as in `run_train`."""
+    gallery.png (`rows` poisoned samples beside their clean versions). A folder of another command, or of a
+    poisoning with other settings, is refused (runs/folder.py). `poison_store` as in `run_train`."""
     out = Path(out)
-    refuse_run_folder(out, "poison")
+    settings = {"data": to_dict(config.data), "attack": to_dict(config.attack), "gallery_rows": rows}
+    claim(out, "poison", settings)
     check_range("gallery rows", rows, 1)
     check_before_loading(config.data, config.attack)
-    check_writable(out)
+    with run_folder(out, "poison", settings):
+        return _poison(config, settings, out, quiet, rows, poison_store)
+
+
+def _poison(
+    config: RunConfig, settings: dict[str, Any], out: Path, quiet: bool, rows: int, poison_store: str | Path | None
+) -> dict[str, Any]:
     device = use_device(config.train)
     bundle, attack, poisoned, triggered = poisoned_data(config.data, config.attack, device, quiet, poison_store)
     # Imported here: matplotlib is slow to import and only this command draws.
@@ -69,7 +76,6 @@ def run_poison(
         "poisoned_labels": labels[poison_index].tolist(),
         "cross_indices": cross_mask.nonzero().squeeze(1).tolist(),
     }
-    out.mkdir(parents=True, exist_ok=True)
     write_array(out / "poison_mask.npy", poison_mask)
     write_array(out / "cross_mask.npy", cross_mask)
     figure = poison_gallery(bundle.train, poisoned, triggered, bundle.classes, rows, seed=config.attack.seed)

@@ -16,14 +16,14 @@ from typing import Any
 import torch
 
 from bdguard.attacks import AttackConfig, AttackContext, build_attack
-from bdguard.config import RootConfig, check_range, to_dict
+from bdguard.config import RootConfig, check_range, check_seed, to_dict
 from bdguard.data import DataBundle, DataConfig, ImageSet
 from bdguard.data.sources import ImageDecoder
 from bdguard.data.sources.folders import read_labelled_dir
 from bdguard.defenses import DefenseConfig, PostTrainingDefense, RepairJob, build_defense
 from bdguard.errors import BdguardError
-from bdguard.io import check_writable, write_json
-from bdguard.models import load_model, save_model
+from bdguard.io import write_json
+from bdguard.models import BackdoorModel, ModelMeta, load_model, save_model
 from bdguard.progress import log
 from bdguard.runs.common import (
     MODEL,
@@ -33,9 +33,9 @@ from bdguard.runs.common import (
     environment,
     prepare_data,
     recorded_attack,
-    refuse_run_folder,
     use_device,
 )
+from bdguard.runs.folder import claim, run_folder
 from bdguard.training import Evaluator, TrainConfig
 
 TEST_HOLDOUT = "test-holdout"
@@ -50,6 +50,7 @@ class ProbeConfig:
 
     def __post_init__(self) -> None:
         check_range("probe.size", self.size, 1)
+        check_seed("probe.seed", self.seed)
 
 
 @dataclass
@@ -110,19 +111,15 @@ def take_probe(bundle: DataBundle, config: ProbeConfig) -> tuple[ImageSet, Image
     return read_probe_folder(config, bundle), bundle.test
 
 
-def _check_out_dir(out: Path, model_path: Path) -> None:
-    refuse_run_folder(out, "repair", models_too=False)  # an earlier repair's folder may be repaired into again
-    if (out / MODEL).resolve() == model_path.resolve():
-        raise BdguardError(f"--out {out} would overwrite the model being repaired; choose another folder")
-
-
 def run_repair(config: RepairConfig, model_path: str | Path, out: str | Path, quiet: bool = False) -> dict[str, Any]:
     """Repair the model at `model_path` with the post-training defense of `config.defense` and write to `out`:
     model.safetensors (its mask and the repair recorded in the sidecar), config.json, results.json (train's keys
     plus `pruned_fraction`, `before` and the probe's description) and whatever the defense writes (pruning.json,
     curve.jsonl, curve.png, norms.png for the pruning defenses)."""
     out, model_path = Path(out), Path(model_path)
-    _check_out_dir(out, model_path)
+    claim(out, "repair", to_dict(config), model_path)
+    if (out / MODEL).resolve() == model_path.resolve():
+        raise BdguardError(f"--out {out} would overwrite the model being repaired; choose another folder")
     defense = build_defense(config.defense)
     if not isinstance(defense, PostTrainingDefense):
         raise BdguardError(f"defense {defense.name} trains a model: use `bdguard train --defense {defense.name}`")
@@ -130,7 +127,21 @@ def run_repair(config: RepairConfig, model_path: str | Path, out: str | Path, qu
     model, meta = load_model(model_path, device)
     attack_config = config.attack or recorded_attack(meta)
     check_before_loading(config.data, attack_config)
-    check_writable(out)
+    with run_folder(out, "repair", to_dict(config), model_path):
+        return _repair(config, defense, model, meta, model_path, attack_config, device, out, quiet)
+
+
+def _repair(
+    config: RepairConfig,
+    defense: PostTrainingDefense,
+    model: BackdoorModel,
+    meta: ModelMeta,
+    model_path: Path,
+    attack_config: AttackConfig,
+    device: torch.device,
+    out: Path,
+    quiet: bool,
+) -> dict[str, Any]:
     began = time.perf_counter()
     bundle = prepare_data(config.data, device)
     check_model_data(meta, bundle, model_path)
@@ -143,8 +154,6 @@ def run_repair(config: RepairConfig, model_path: str | Path, out: str | Path, qu
     log(f"probe: {len(probe)} clean images ({config.probe.source}); evaluation: {len(evaluation)} test images")
     before = evaluator(model)
 
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", {"config": to_dict(config), "model": str(model_path), "environment": environment()})
     job = RepairJob(
         model=model,
         bundle=bundle,

@@ -16,8 +16,9 @@ from bdguard.data import DataConfig
 from bdguard.data.base import TriggeredSet
 from bdguard.defenses import DefenseConfig, TrainingDefense, TrainingJob, build_defense
 from bdguard.errors import BdguardError
-from bdguard.io import check_writable, run_lock, write_array, write_json
-from bdguard.models import MODELS, load_model, save_model
+from bdguard.io import write_array, write_json
+from bdguard.models import load_model, save_model
+from bdguard.models.base import check_model_options
 from bdguard.runs.common import (
     MODEL,
     RESULTS,
@@ -28,12 +29,12 @@ from bdguard.runs.common import (
     poisoned_data,
     prepare_data,
     recorded_attack,
-    refuse_run_folder,
     use_device,
 )
+from bdguard.runs.folder import claim, run_folder
 from bdguard.training import TrainConfig, evaluate, resolve_device
 from bdguard.training.factory import model_meta, new_model
-from bdguard.training.runtime import CHECKPOINT, RunClock
+from bdguard.training.runtime import RunClock
 
 
 @dataclass
@@ -57,8 +58,7 @@ def run_train(
     `poison_store`: a folder of stored poisoned sets (`attacks/store.py`) to read the poisoned set from, or to
     add it to; runs on the same set then poison once."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise BdguardError(f"--out {out} exists and is not a folder")
+    claim(out, "train", to_dict(config), resume=resume)
     defense = build_defense(config.defense)
     if not isinstance(defense, TrainingDefense):
         raise BdguardError(f"defense {defense.name} acts on a trained model: use `bdguard repair`, not `train`")
@@ -66,14 +66,11 @@ def run_train(
         raise BdguardError(f"defense {defense.name} does not train data-parallel: run it without torchrun")
     # unknown names fail before the data set loads
     check_before_loading(config.data, config.attack)
-    MODELS.get(config.train.model)
-    if not resume and (out / CHECKPOINT).exists():
-        raise BdguardError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    check_model_options(config.train.model, config.train.model_kwargs)
     device = use_device(config.train)  # under torchrun: joins the other ranks, which must all get here
     if not distributed.is_main():
         return _train(config, defense, device, out, resume, quiet, poison_store)
-    check_writable(out)  # before minutes of decoding and training, not after
-    with run_lock(out):
+    with run_folder(out, "train", to_dict(config), resume=resume):  # before minutes of decoding and training
         return _train(config, defense, device, out, resume, quiet, poison_store)
 
 
@@ -90,8 +87,6 @@ def _train(
     with distributed.main_first():  # the others read the data and the poisoned set the main rank cached
         bundle, attack, poisoned, triggered = poisoned_data(config.data, config.attack, device, quiet, poison_store)
     if distributed.is_main():  # the one rank that writes
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", {"config": to_dict(config), "environment": environment()})
         write_json(out / "attack.json", poisoned.manifest)
         write_array(out / "poison_mask.npy", poisoned.poison_mask)
 
@@ -146,9 +141,18 @@ def run_evaluate(
     batch_size: int = 512,
 ) -> dict[str, Any]:
     """BA/ASR/RA of a saved model; the attack defaults to the one recorded in the model file."""
-    if out is not None:
-        refuse_run_folder(Path(out), "evaluate")
-        check_writable(out)
+    settings = {"data": to_dict(data), "attack": None if attack is None else to_dict(attack)}
+    if out is None:
+        return _evaluate(model_path, data, attack, device, batch_size)
+    with run_folder(out, "evaluate", settings, model=model_path) as folder:
+        results = _evaluate(model_path, data, attack, device, batch_size)
+        write_json(folder / RESULTS, results)
+    return results
+
+
+def _evaluate(
+    model_path: str | Path, data: DataConfig, attack: AttackConfig | None, device: str, batch_size: int
+) -> dict[str, Any]:
     torch_device = resolve_device(device)
     model, meta = load_model(model_path, torch_device)
     attack = attack or recorded_attack(meta)
@@ -169,6 +173,4 @@ def run_evaluate(
         "model_path": str(model_path),
         "environment": environment(),
     }
-    if out is not None:
-        write_json(Path(out) / RESULTS, results)
     return results

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from bdguard.config import check_range
+from bdguard.config import check_range, check_seed
 from bdguard.errors import BdguardError
 
 
@@ -47,5 +47,6 @@ class TrainConfig:
         check_range("train.label_smoothing", self.label_smoothing, 0.0, 1.0)
         check_range("train.crop_padding", self.crop_padding, 0)
         check_range("train.threads", self.threads, 0)
+        check_seed("train.seed", self.seed)
         if any(not 0.0 < m < 1.0 for m in self.milestones):
             raise BdguardError(f"train.milestones are fractions of the run in (0, 1), got {list(self.milestones)}")

@@ -80,7 +80,8 @@ def detection_metrics(
     |flagged & poison| / |poison|, FPR on the clean samples, precision, the residual poison rate of what is kept,
     and AUROC/AUPRC of the continuous `scores` (higher = more suspicious; never of the hard flags). Cross samples
     (WaNet's noise, IAD's cross mode: trigger-like, label kept) count as clean and are also reported on their own.
-    The threshold-free figures are None when the set holds only one kind."""
+    The threshold-free figures are None when the set holds only one kind; every rate is None when nothing was
+    poisoned (no attack: there is nothing to measure a detector against, only the count it flagged)."""
     # imported here: scikit-learn is slow to import and only detectors report
     from sklearn.metrics import average_precision_score, roc_auc_score
 
@@ -88,6 +89,9 @@ def detection_metrics(
     cross = torch.zeros_like(poison) if cross is None else cross.detach().bool().cpu()
     truth, values = poison.numpy(), scores.detach().float().cpu().numpy()
     both_kinds = 0 < truth.sum() < truth.size
+    if not poison.any():
+        rates = ("tpr", "fpr", "precision", "residual", "auroc", "auprc", "cross_in_suspicious")
+        return {"suspicious": int(flagged.sum()), "credible": int((~flagged).sum()), **dict.fromkeys(rates)}
     return {
         "suspicious": int(flagged.sum()),
         "credible": int((~flagged).sum()),

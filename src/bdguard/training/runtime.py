@@ -11,7 +11,7 @@ import math
 import random
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,8 +35,14 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise BdguardError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise BdguardError(f"device {name!r}: bdguard trains on cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BdguardError(f"device {name!r} was asked for but CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise BdguardError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise BdguardError(f"device {name!r} was asked for but MPS (Apple's GPU) is not available on this machine")
     return device
 
 
@@ -165,9 +171,24 @@ class Checkpoint:
             ) from None
         if not isinstance(state, dict) or state.get("fingerprint") != self.fingerprint:
             raise BdguardError(f"cannot resume: {self.path} was written with different settings or by another program")
-        clock.before = float(state.get("elapsed", 0.0))
-        self._write_logs(state)
+        with self.restoring():
+            clock.before = float(state.get("elapsed", 0.0))
+            self._write_logs(state)
         return state
+
+    @contextmanager
+    def restoring(self) -> Iterator[None]:
+        """Around the code that puts a loaded state back: a checkpoint of this run's settings but of another layout
+        (a missing entry, a renamed parameter, an empty optimiser: a damaged or hand-made file) is refused in one
+        line instead of failing half-way through the restore."""
+        try:
+            yield
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+            detail = str(exc).splitlines()[0] if str(exc) else ""
+            raise BdguardError(
+                f"cannot resume: {self.path} does not hold this run's state ({type(exc).__name__}: {detail[:200]}); "
+                "remove it to start the run again"
+            ) from None
 
     def _write_logs(self, state: dict[str, Any]) -> None:
         for name, key in self.logs.items():

@@ -124,9 +124,10 @@ def fit(
     checkpoint = Checkpoint(run_dir, fingerprint, {"metrics.jsonl": "history"}) if run_dir is not None else None
     if resume and checkpoint is not None and checkpoint.exists():
         state = checkpoint.load(trainer.device, clock)
-        trainer.load_state_dict(state["trainer"])
-        history = list(state["history"])
-        start = int(state["epoch"]) + 1
+        with checkpoint.restoring():
+            trainer.load_state_dict(state["trainer"])
+            history = list(state["history"])
+            start = int(state["epoch"]) + 1
         log(f"resuming after epoch {start - 1} from {checkpoint.path}")
     for epoch in range(start, config.epochs + 1):
         began = time.perf_counter()

@@ -29,6 +29,7 @@ from bdguard.registry import Registry, import_modules
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 )
+MIN_SIDE = 8  # the smallest image side the models take (three 2x2 poolings; scikit-learn's digits are 8x8)
 GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
 
 Found = TypeVar("Found")  # what a `FileSource` search returns: its own handle on the files
@@ -47,6 +48,8 @@ class RawSplits:
 
     def validate(self, name: str) -> None:
         """Refuse arrays that would break the code downstream, naming the data set."""
+        if len(self.classes) < 2:
+            raise BdguardError(f"{name}: a classifier needs at least two classes; found {len(self.classes)}")
         for split in ("train", "test"):
             images, labels = getattr(self, f"{split}_images"), getattr(self, f"{split}_labels")
             if images.dtype != np.uint8 or images.ndim != 4 or len(images) == 0:
@@ -55,6 +58,12 @@ class RawSplits:
                 raise BdguardError(f"{name}: {split} labels must be int64 with one label per image")
             if labels.min() < 0 or labels.max() >= len(self.classes):
                 raise BdguardError(f"{name}: {split} labels fall outside 0..{len(self.classes) - 1}")
+        height, width = self.train_images.shape[2:]
+        if min(height, width) < MIN_SIDE:
+            raise BdguardError(
+                f"{name}: images are {width}x{height}; the models need at least {MIN_SIDE}x{MIN_SIDE} (pass "
+                "--image-size N to resize them)"
+            )
         if self.train_images.shape[1:] != self.test_images.shape[1:]:
             train, test = self.train_images.shape[1:], self.test_images.shape[1:]
             raise BdguardError(f"{name}: train images are {train} but test images are {test}")
@@ -72,6 +81,7 @@ class DatasetSource(ABC):
     cacheable: ClassVar[bool] = True  # False for sets that are cheaper to rebuild than to read back
     native_size: ClassVar[int | None] = None  # fixed side length; None when the source resizes to image_size
     num_classes: ClassVar[int | None] = None  # known before any file is read; None when the files decide (imagefolder)
+    classes: ClassVar[tuple[str, ...] | None] = None  # the class names, where known before any file is read
 
     def __init__(self, config: DataConfig, arg: str | None = None) -> None:
         if arg is not None and not self.takes_arg():
@@ -88,6 +98,10 @@ class DatasetSource(ABC):
     @classmethod
     def takes_arg(cls) -> bool:
         return False
+
+    def class_names(self) -> tuple[str, ...] | None:
+        """The class names in label order, without decoding anything; None where only the files can say."""
+        return self.classes
 
     @property
     def bundle_name(self) -> str:
@@ -223,7 +237,15 @@ def path_identity(path: Path) -> str:
             stat = path.stat()
             return f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
         count, total, newest = 0, 0, path.stat().st_mtime_ns
-        for folder, _, files in os.walk(path):
+        seen: set[str] = set()
+        # links are followed, as the folder readers follow them (a class folder may be a link); each real folder
+        # is counted once, so a link loop ends
+        for folder, dirs, files in os.walk(path, followlinks=True):
+            real = os.path.realpath(folder)
+            if real in seen:
+                dirs.clear()
+                continue
+            seen.add(real)
             newest = max(newest, os.stat(folder).st_mtime_ns)
             for file in files:
                 try:
@@ -262,6 +284,20 @@ def iter_tar_xz(archive: Path) -> Iterator[tuple[PurePosixPath, bytes]]:
         log(f"warning: {archive}: skipped {len(skipped)} member(s) with an absolute or '..' path, e.g. {skipped[0]}")
 
 
+WIDE_GRAY = frozenset({"I;16", "I;16B", "I;16L", "I"})  # grayscale of more than 8 bits a pixel
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    """The image as 8-bit RGB. Pillow's own conversion clips 16-bit grayscale at 255 (a 16-bit PNG turns almost
+    white); such images are scaled to 0..255 instead."""
+    if image.mode not in WIDE_GRAY:
+        return image.convert("RGB")
+    values = np.asarray(image).astype(np.float64)
+    if image.mode != "I" or values.max(initial=0) > 255:  # "I" also holds 8-bit images widened by Pillow
+        values = values / 257.0
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L").convert("RGB")
+
+
 class ImageDecoder:
     """Decodes images one at a time into (H, W, 3) uint8 arrays, all of one size, then stacks them.
 
@@ -283,8 +319,8 @@ class ImageDecoder:
                 self.all_gray = self.all_gray and image.mode in GRAY_MODES
                 if self.size is None:
                     self._check_size(name, image.size)
-                    return np.asarray(image.convert("RGB"))
-                rgb = image.convert("RGB")
+                    return np.asarray(_rgb(image))
+                rgb = _rgb(image)
                 if rgb.size != (self.size, self.size):
                     rgb = rgb.resize((self.size, self.size), Image.Resampling.BILINEAR)
                 return np.asarray(rgb)

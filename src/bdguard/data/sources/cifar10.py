@@ -53,6 +53,7 @@ def _candidates(folder: Path) -> list[tuple[str, Path]]:
 class Cifar10(FileSource[tuple[str, Path]]):
     name = "cifar10"
     num_classes = len(CLASSES)
+    classes = CLASSES
     description = "CIFAR-10: 10 classes of 32x32 colour photos, 50000 train / 10000 test"
     flip = True
     mean = (0.4914, 0.4822, 0.4465)

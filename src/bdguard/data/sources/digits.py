@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from bdguard.data.sources import DATASETS, DatasetSource, RawSplits
+from bdguard.errors import BdguardError
 
 SPLIT_SEED = 0
 
@@ -13,6 +14,7 @@ SPLIT_SEED = 0
 class Digits(DatasetSource):
     name = "digits"
     num_classes = 10
+    classes = tuple(str(digit) for digit in range(10))
     description = "scikit-learn digits: 10 classes of 8x8 grayscale digits, 1797 images split 80/20"
     flip = False  # a mirrored digit is another glyph
     cacheable = False  # bundled and tiny: building it is cheaper than a cache entry
@@ -36,4 +38,6 @@ class Digits(DatasetSource):
         train, test = train_test_split(np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=SPLIT_SEED)
         train, test = np.sort(train), np.sort(test)
         classes = tuple(str(name) for name in digits.target_names)
+        if classes != self.classes:
+            raise BdguardError(f"scikit-learn's digits have the classes {classes}, not {self.classes}")
         return RawSplits(images[train], labels[train], images[test], labels[test], classes, "scikit-learn load_digits")

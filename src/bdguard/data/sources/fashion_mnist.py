@@ -10,6 +10,9 @@ import numpy as np
 from bdguard.data.sources import DATASETS, FileSource, RawSplits, given_root, search_roots
 from bdguard.errors import BdguardError
 
+# torchvision's FashionMNIST.classes, the label order of the idx files
+CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
 FILES = {  # array name -> idx file stem, (number of dimensions)
     "train_images": ("train-images-idx3-ubyte", 3),
@@ -56,6 +59,7 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
 class FashionMnist(FileSource[dict[str, Path]]):
     name = "fashion-mnist"
     num_classes = 10
+    classes = CLASSES
     description = "Fashion-MNIST: 10 classes of 28x28 grayscale clothing, 60000 train / 10000 test"
     flip = True
     native_size = 28
@@ -83,8 +87,6 @@ class FashionMnist(FileSource[dict[str, Path]]):
         return "|".join(f"{p}:{s.st_size}:{s.st_mtime_ns}" for p, s in stats)
 
     def _read(self, found: dict[str, Path]) -> RawSplits:
-        from torchvision.datasets import FashionMNIST  # imported here: torchvision is slow to import
-
         arrays = {key: read_idx(found[key], ndim) for key, (_, ndim) in FILES.items()}
         for split in ("train", "test"):
             images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
@@ -95,7 +97,7 @@ class FashionMnist(FileSource[dict[str, Path]]):
             arrays["train_labels"].astype(np.int64),
             np.ascontiguousarray(arrays["test_images"][:, None]),
             arrays["test_labels"].astype(np.int64),
-            tuple(FashionMNIST.classes),
+            CLASSES,
             f"Fashion-MNIST idx files in {self._where(found)}",
         )
 

@@ -59,6 +59,7 @@ def _candidates(folder: Path) -> list[tuple[str, Path]]:
 class Gtsrb(FileSource[tuple[str, Path]]):
     name = "gtsrb"
     num_classes = len(CLASSES)
+    classes = CLASSES
     description = "GTSRB: 43 classes of German traffic signs, 39209 train / 12630 test, resized to 32x32"
     flip = False  # mirrored signs change meaning (turn left / turn right)
     title = "GTSRB"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bdguard.data.sources import DATASETS, DatasetSource, ImageDecoder, RawSplits, path_identity
-from bdguard.data.sources.folders import read_single_dir, read_split_dirs
+from bdguard.data.sources.folders import class_dirs, read_single_dir, read_split_dirs
 from bdguard.errors import BdguardError
 
 
@@ -41,6 +41,11 @@ class ImageFolderSource(DatasetSource):
 
     def identity(self) -> str:
         return f"imagefolder|size={self.config.image_size}|{path_identity(self._folder())}"
+
+    def class_names(self) -> tuple[str, ...] | None:
+        folder = self._folder()
+        root = folder / "train" if (folder / "train").is_dir() and (folder / "test").is_dir() else folder
+        return tuple(d.name for d in class_dirs(root))
 
     def load(self) -> RawSplits:
         folder = self._folder()

@@ -24,6 +24,7 @@ NOISE = 40.0  # pixel std on the 0..255 scale: classes overlap per pixel, yet ar
 class Synthetic(DatasetSource):
     name = "synthetic"
     num_classes = NUM_CLASSES
+    classes = tuple(f"class{i}" for i in range(NUM_CLASSES))
     description = "synthetic: seeded toy set, 10 classes of 3x16x16, 2000 train / 500 test (for tests)"
     flip = True
     cacheable = False  # generated in milliseconds
@@ -47,5 +48,4 @@ class Synthetic(DatasetSource):
             return np.clip(np.rint(images), 0, 255).astype(np.uint8), labels
 
         train, test = sample(TRAIN_PER_CLASS), sample(TEST_PER_CLASS)
-        classes = tuple(f"class{i}" for i in range(NUM_CLASSES))
-        return RawSplits(*train, *test, classes, "synthetic (seed 0, generated)")
+        return RawSplits(*train, *test, self.classes, "synthetic (seed 0, generated)")

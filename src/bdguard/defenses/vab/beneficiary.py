@@ -22,7 +22,7 @@ from bdguard.data.augment import Augment
 from bdguard.data.base import ImageSet
 from bdguard.defenses.vab.attention_mix import attention_map, attention_mix
 from bdguard.defenses.vab.config import VabParams
-from bdguard.defenses.vab.suppression import pseudo_targets, soft_cross_entropy, suppress, victim_beliefs
+from bdguard.defenses.vab.suppression import of_labels, pseudo_targets, soft_cross_entropy, suppress, victim_beliefs
 from bdguard.models import BackdoorModel
 from bdguard.progress import progress_bar
 from bdguard.training.runtime import Runtime, batch_indices, cycle_batches, steps_per_epoch
@@ -103,9 +103,11 @@ def stage_a_epoch(
     label: str,
     lr: LearningRate,
     victim_logits: torch.Tensor | None = None,
+    suppressed: torch.Tensor | None = None,
 ) -> dict[str, float | None]:
     """One pass over C in batches of B, each sample in `views` views, mixed, with its given label; with
-    `victim_logits` (N, K), the label suppressed by the Victim's beliefs as stage B does it."""
+    `victim_logits` (N, K), the label suppressed by the Victim's beliefs as stage B does it (on the labels
+    `suppressed`, bool (K,), or all)."""
     ben.model.train()
     n = credible.numel()
     if n == 0:
@@ -121,7 +123,8 @@ def stage_a_epoch(
             chosen = chosen[part]
             targets = F.one_hot(data.labels[chosen], ben.num_classes).float()
             if victim_logits is not None:
-                targets = suppress(targets, victim_beliefs(victim_logits[chosen], ben.params.temperature))
+                beliefs = victim_beliefs(victim_logits[chosen], ben.params.temperature)
+                targets = suppress(targets, of_labels(beliefs, data.labels[chosen], suppressed))
             loss, region = ben.mixed_loss(views, targets.repeat(len(views), 1), own)
             ben.step(loss * factor, lr(step / steps))
             sums[0] += loss.detach()
@@ -148,12 +151,14 @@ def stage_b_epoch(
     generator: torch.Generator,
     label: str,
     lr: LearningRate,
+    suppressed: torch.Tensor | None = None,
 ) -> StageBResult:
     """floor(|C| / B) + 1 iterations over C (batch B) in lock-step with S (batch B_u, so S is traversed about once);
     loss = L_mix (suppressed, AttentionMixed labelled targets) + alpha * L_u (suppressed pseudo-labels).
 
     `victim_logits` (N, K) are the Victim's logits of the last scoring round: the unaugmented view the reference
-    feeds the Victim in every step, computed once (the Victim does not train during a Beneficiary epoch).
+    feeds the Victim in every step, computed once (the Victim does not train during a Beneficiary epoch). The
+    labelled targets are suppressed on the labels `suppressed` (bool (K,); None: all), the pseudo-labels always.
     Samples taken back into C are suppressed like the rest: among them are the poisoned images of the target class,
     whose label is right and whose trigger only the suppression keeps from being learned (tested)."""
     params, runtime = ben.params, ben.runtime
@@ -187,6 +192,7 @@ def stage_b_epoch(
                 views = ben.views(data.images[chosen], generator, part)
                 chosen = chosen[part]
                 beliefs = victim_beliefs(victim_logits[chosen], params.temperature)
+                beliefs = of_labels(beliefs, data.labels[chosen], suppressed)
                 targets = suppress(F.one_hot(data.labels[chosen], ben.num_classes).float(), beliefs)
                 loss_mix, region = ben.mixed_loss(views, targets.repeat(len(views), 1), own)
                 loss = loss + loss_mix * factor

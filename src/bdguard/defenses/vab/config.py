@@ -148,6 +148,9 @@ class VabParams(VictimParams):
     alpha_switch: float = 0.75  # share of the run after which alpha2 replaces alpha1
     temperature: float = 3.0  # the Victim's logits are divided by this before the softmax of the suppression
     suppress_stage_a: bool = False  # suppress the credible targets by the Victim in stage A too (the reference: B only)
+    # whose credible targets are suppressed: all labels (the reference), or only those the label rule found attacked
+    # (all when it found none); measured worse on Blended (docs/methods/vab.md 4)
+    suppress_labels: Literal["all", "attacked"] = "all"
     mix_threshold: float = 0.1  # AttentionMix mixes where the normalised attention is at least this
     mix_share: float = 0.0  # the share of each batch that AttentionMix mixes (the reference: all of it)
     upsample: Literal["nearest", "bilinear"] = "nearest"  # attention map to image size (nearest: the code)
@@ -175,6 +178,8 @@ class VabParams(VictimParams):
         check_range("vab.alpha_switch", self.alpha_switch, 0.0, 1.0)
         if not self.temperature > 0.0:
             raise BdguardError(f"vab.temperature must be > 0, got {self.temperature}")
+        if self.suppress_labels not in ("all", "attacked"):
+            raise BdguardError(f"vab.suppress_labels must be all or attacked, got {self.suppress_labels!r}")
         check_range("vab.mix_threshold", self.mix_threshold, 0.0, 1.0)
         if self.views not in (1, 2):
             raise BdguardError(f"vab.views must be 1 or 2, got {self.views}")

@@ -22,7 +22,7 @@ import torch
 
 from bdguard import distributed
 from bdguard.config import to_dict
-from bdguard.defenses.base import DefenseResult, Figure, TrainingDefense, TrainingJob, detector_summary
+from bdguard.defenses.base import DefenseResult, Figure, TrainingDefense, TrainingJob, detector_entry
 from bdguard.defenses.registry import DEFENSES
 from bdguard.defenses.vab.beneficiary import (
     Beneficiary,
@@ -33,9 +33,9 @@ from bdguard.defenses.vab.beneficiary import (
 )
 from bdguard.defenses.vab.config import PRESETS, VabParams, VictimParams
 from bdguard.defenses.vab.labels import LabelGuard
-from bdguard.defenses.vab.report import detector_metrics, plot_entropy_hist, stage_b_diagnostics, write_suspicious_csv
+from bdguard.defenses.vab.report import plot_entropy_hist, split_metrics, stage_b_diagnostics, write_suspicious_csv
 from bdguard.defenses.vab.schedule import make_schedule, threshold
-from bdguard.defenses.vab.victim import EntropyDetector, entropy_scores, split, victim_epoch, victim_logits
+from bdguard.defenses.vab.victim import EntropyDetector, entropy_scores, entropy_split, victim_epoch, victim_logits
 from bdguard.models import save_model
 from bdguard.progress import log, number
 from bdguard.training.config import TrainConfig
@@ -182,11 +182,11 @@ class _VabRun:
         normalised = self.detector.update(entropy_scores(self.logits))
         number = self.detector.rounds
         tau = threshold(number, self.params)
-        self.flagged = split(normalised, tau)
+        self.flagged = entropy_split(normalised, tau)
         self.guarded = self.suspicious = self.guard.split(self.flagged, self.data.labels, self.detector.history)
         row = {"round": number, "after_epoch": after_epoch, "tau": tau, "flagged_by_victim": int(self.flagged.sum())}
         row["attacked_labels"] = self.guard.attacked.nonzero().flatten().tolist()
-        row.update(detector_metrics(normalised, self.suspicious, self.job.poisoned))
+        row.update(split_metrics(normalised, self.suspicious, self.job.poisoned))
         self.rounds.append(row)
         if number in self.key_rounds:
             self.snapshots[number] = {"label": self.key_rounds[number], "tau": tau, "normalised": normalised.cpu()}
@@ -206,7 +206,7 @@ class _VabRun:
             self.guarded = self.suspicious = self.guard.split(self.flagged, self.data.labels, self.detector.history)
             last = self.rounds[-1]
             last["attacked_labels"] = self.guard.attacked.nonzero().flatten().tolist()
-            last.update(detector_metrics(self.detector.normalised(), self.suspicious, self.job.poisoned))
+            last.update(split_metrics(self.detector.normalised(), self.suspicious, self.job.poisoned))
             log(_round_summary(last))
 
     # -- the Beneficiary ---------------------------------------------------------------------------------------
@@ -245,6 +245,13 @@ class _VabRun:
         self.taken_back = self.guarded & ~self.suspicious
         return int(agree.sum())
 
+    def _suppressed(self) -> torch.Tensor | None:
+        """The labels whose credible samples the Victim's beliefs suppress: with `suppress_labels=attacked` those the
+        label rule found attacked (when it found any), else all (None)."""
+        if self.params.suppress_labels == "attacked" and bool(self.guard.attacked.any()):
+            return self.guard.attacked
+        return None
+
     def _epoch(self, epoch: int) -> None:
         train, schedule = self.job.train, self.schedule
         began = time.perf_counter()
@@ -255,16 +262,17 @@ class _VabRun:
         label = f"V&B stage {stage} epoch {epoch}/{schedule.epochs}"
         lr = self._lr(epoch)
         row: dict[str, Any] = {"epoch": epoch, "stage": stage, "lr": lr(0.0), "returned": returned}
-        row["split"] = detector_metrics(self.detector.normalised(), self.suspicious, self.job.poisoned)
+        row["split"] = split_metrics(self.detector.normalised(), self.suspicious, self.job.poisoned)
         if stage == "A":
             row["alpha"] = None
             beliefs = self.logits if self.params.suppress_stage_a else None
-            row.update(stage_a_epoch(self.beneficiary, self.data, credible, generator, label, lr, beliefs))
+            row.update(
+                stage_a_epoch(self.beneficiary, self.data, credible, generator, label, lr, beliefs, self._suppressed())
+            )
         else:
             row["alpha"] = alpha = schedule.alpha(epoch, self.params)
-            result = stage_b_epoch(
-                self.beneficiary, self.logits, self.data, credible, suspicious, alpha, generator, label, lr
-            )
+            args = (self.data, credible, suspicious, alpha, generator, label, lr, self._suppressed())
+            result = stage_b_epoch(self.beneficiary, self.logits, *args)
             row.update(result.metrics)
             row.update(stage_b_diagnostics(result.suppression_weight, result.pseudo_label, self.job.poisoned))
         check_finite(row["loss"], label, f"the learning rate (train.lr = {train.lr:g})")
@@ -323,6 +331,10 @@ class _VabRun:
 
     def _load(self) -> None:
         state = self.checkpoint.load(self.job.device, self.job.clock)
+        with self.checkpoint.restoring():
+            self._restore(state)
+
+    def _restore(self, state: dict[str, Any]) -> None:
         self.beneficiary.model.load_state_dict(state["beneficiary"])
         self.beneficiary.optimizer.load_state_dict(state["beneficiary_optimizer"])
         self.victim.load_state_dict(state["victim"])
@@ -349,7 +361,7 @@ class _VabRun:
         last = self.history[-1]
         schedule = self.schedule
         # the split the Beneficiary trained on last; `flagged_by_victim` is the Victim's entropy rule alone
-        split_now = detector_metrics(self.detector.normalised(), self.suspicious, self.job.poisoned)
+        split_now = split_metrics(self.detector.normalised(), self.suspicious, self.job.poisoned)
         details = {
             "victim": {"ba": last["victim_ba"], "asr": last["victim_asr"]},
             "split": {
@@ -368,7 +380,7 @@ class _VabRun:
             },
         }
         figures = (Figure("entropy_hist.png", ENTROPY_CAPTION),) if run_dir is not None else ()
-        return DefenseResult(self.beneficiary.model, detector_summary(split_now), figures=figures, details=details)
+        return DefenseResult(self.beneficiary.model, detector_entry(split_now), figures=figures, details=details)
 
     def _write_outputs(self, run_dir: Path) -> None:
         extra = {"role": "V&B Victim: backdoored on purpose, never deploy", "train": to_dict(self.victim_config)}

@@ -19,7 +19,7 @@ from bdguard.training.metrics import detection_metrics
 HIST_BINS = 40
 
 
-def detector_metrics(normalised: torch.Tensor, suspicious: torch.Tensor, poisoned: PoisonedSet) -> dict[str, Any]:
+def split_metrics(normalised: torch.Tensor, suspicious: torch.Tensor, poisoned: PoisonedSet) -> dict[str, Any]:
     """`detection_metrics` of the split `suspicious`, with the threshold-free score -e (low entropy = suspicious)."""
     return detection_metrics(-normalised, suspicious, poisoned.poison_mask, poisoned.cross_mask)
 

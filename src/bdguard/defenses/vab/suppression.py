@@ -18,6 +18,15 @@ def victim_beliefs(victim_logits: torch.Tensor, temperature: float) -> torch.Ten
     return F.softmax(victim_logits.float() / temperature, dim=1)
 
 
+def of_labels(beliefs: torch.Tensor, labels: torch.Tensor, suppressed: torch.Tensor | None) -> torch.Tensor:
+    """The beliefs of the samples whose label is `suppressed` (bool (K,)), zero for the others (None: all kept):
+    `suppress_labels=attacked`, where only the labels an attack poisoned have their credible targets suppressed
+    (the Victim, trained on its own flags, is sure of whole easy classes too; docs/methods/vab.md 4)."""
+    if suppressed is None:
+        return beliefs
+    return beliefs * suppressed.to(beliefs.device)[labels].unsqueeze(1).to(beliefs.dtype)
+
+
 def suppress(targets: torch.Tensor, beliefs: torch.Tensor) -> torch.Tensor:
     """clip(targets - beliefs, 0, 1): what the Victim (the backdoor expert) already predicts is taken out.
     Not renormalised on purpose: a sample the Victim is sure of weighs (almost) nothing."""

@@ -104,6 +104,6 @@ class EntropyDetector:
         self.history, self.rounds = state["history"], int(state["rounds"])
 
 
-def split(normalised: torch.Tensor, tau: float) -> torch.Tensor:
+def entropy_split(normalised: torch.Tensor, tau: float) -> torch.Tensor:
     """The suspicious mask: normalised entropy at or below tau (low entropy = likely poisoned)."""
     return normalised <= tau
