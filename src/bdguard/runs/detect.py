@@ -39,7 +39,7 @@ from bdguard.runs.common import (
     poisoned_data,
     use_device,
 )
-from bdguard.runs.folder import claim, run_folder
+from bdguard.runs.folder import run_folder
 from bdguard.runs.train import RunConfig, run_train
 from bdguard.training import TrainConfig
 from bdguard.training.metrics import detection_metrics
@@ -102,7 +102,6 @@ def run_detect(
     as in `run_train`: the bench's detections read the very set its cells trained on."""
     out = Path(out)
     model_path = None if model_path is None else Path(model_path)
-    claim(out, "detect", to_dict(config), model_path)
     detector = build_detector(config.detector)  # an unknown name or a bad setting fails before the data loads
     if model_path is not None and not detector.uses_model:
         raise BdguardError(f"detector {detector.name} trains what it needs itself and reads no --model")

@@ -15,7 +15,7 @@ from bdguard.runs.common import (
     poisoned_data,
     use_device,
 )
-from bdguard.runs.folder import claim, run_folder
+from bdguard.runs.folder import run_folder
 from bdguard.runs.train import RunConfig
 
 GALLERY_ROWS = 6  # poisoned samples shown in gallery.png
@@ -35,7 +35,6 @@ def run_poison(
     poisoning with other settings, is refused (runs/folder.py). `poison_store` as in `run_train`."""
     out = Path(out)
     settings = {"data": to_dict(config.data), "attack": to_dict(config.attack), "gallery_rows": rows}
-    claim(out, "poison", settings)
     check_range("gallery rows", rows, 1)
     check_before_loading(config.data, config.attack)
     with run_folder(out, "poison", settings):
