@@ -44,17 +44,19 @@ CELL=$SETTING-$ATTACK${RATE:+-r$RATE}
 # from the default and change one lever ("refine": the Beneficiary's take-back of docs/methods/vab.md to the end of
 # the run, on the Victim's global split; the 10-epoch `mix` and `half-mix` rows of RESULTS were run on top of it).
 # "global" is the default without the label rule, "round-two" the default of the round before it (the global split,
-# refined during the first fifth of the run).
+# refined during the first fifth of the run); "suppress" is round three's default (the reference's stage B), and the
+# label-rule rows measured in round three keep it.
 declare -A VARIANTS=(
     [none]="--defense none"
     [paper]="--defense vab --set vab.preset=cpu"
     [default]="--defense vab"
     [global]="--defense vab --set vab.split_rule=global"
     [round-two]="--defense vab --set vab.split_rule=global --set vab.refine=true"
-    [no-check-flags]="--defense vab --set vab.check_flags=off"
-    [all-check-flags]="--defense vab --set vab.check_flags=all"
-    [otsu]="--defense vab --set vab.label_within=otsu"
-    [suppress-attacked]="--defense vab --set vab.suppress_labels=attacked"
+    [no-check-flags]="--defense vab --set vab.stage_b=suppress --set vab.check_flags=off"
+    [all-check-flags]="--defense vab --set vab.stage_b=suppress --set vab.check_flags=all"
+    [otsu]="--defense vab --set vab.stage_b=suppress --set vab.label_within=otsu"
+    [suppress]="--defense vab --set vab.stage_b=suppress"
+    [suppress-attacked]="--defense vab --set vab.stage_b=suppress --set vab.suppress_labels=attacked"
     [filter]="--defense vab --set vab.split_rule=global --set vab.stage_a_fraction=1"
     [filter-mix]="--defense vab --set vab.split_rule=global --set vab.mix_share=1 --set vab.stage_a_fraction=1"
     [filter-mix-b]="--defense vab --set vab.split_rule=global --set vab.mix_share=1"
@@ -64,10 +66,12 @@ declare -A VARIANTS=(
     [half-mix]="--defense vab --set vab.split_rule=global --set vab.refine=true --set vab.refine_until=1 --set vab.mix_share=0.5"
     [no-stage-b]="--defense vab --set vab.stage_a_fraction=1"
     [refine-suppress-a]="--defense vab --set vab.split_rule=global --set vab.refine=true --set vab.refine_until=1 --set vab.suppress_stage_a=true"
+    [relabel]="--defense vab --set vab.stage_b=relabel"
+    [unlearn-diverse]="--defense vab --set vab.unlearn_among=diverse"
     [two-views]="--defense vab --set vab.views=2"
     [vab-schedule]="--defense vab --set vab.lr_schedule=vab"
 )
-ORDER=(none paper default global round-two no-check-flags all-check-flags otsu suppress-attacked filter filter-mix filter-mix-b refine label-gate mix half-mix no-stage-b refine-suppress-a two-views vab-schedule)
+ORDER=(none paper default global round-two no-check-flags all-check-flags otsu suppress suppress-attacked relabel unlearn-diverse filter filter-mix filter-mix-b refine label-gate mix half-mix no-stage-b refine-suppress-a two-views vab-schedule)
 
 EXTRA=()
 NAMES=()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import json
@@ -159,6 +160,23 @@ def test_imagefolder_auto_split_labels_from_folder_names(tmp_path):
         for image, label in zip(split.images, split.labels, strict=True):
             folder_label = classes.index(bundle.classes[label])
             assert image[:, 0, 0].tolist() == list(color(folder_label))
+
+
+def test_imagefolder_names_each_training_image_by_its_file_through_subsets_and_the_cache(tmp_path):
+    classes = ["zebra", "apple", "mango"]
+    make_class_tree(tmp_path / "set", classes, per_class=10)
+    config = DataConfig(f"imagefolder:{tmp_path / 'set'}", cache_dir=str(tmp_path / "cache"))
+    decoded, cached = load_dataset(config), load_dataset(config)
+    assert not decoded.extra["from_cache"] and cached.extra["from_cache"]
+    assert cached.train.files == decoded.train.files and len(decoded.train.files) == 24
+    subset = load_dataset(dataclasses.replace(config, train_size=7))
+    for bundle in (decoded, cached, subset):
+        for image, file in zip(bundle.train.images, bundle.train.files, strict=True):
+            assert image[:, 0, 0].tolist() == list(color(classes.index(file.split("/")[0])))
+    assert len(subset.train.files) == 7 and set(subset.train.files) < set(decoded.train.files)
+    picked = decoded.train.subset(torch.tensor([False, True] * 12))
+    assert picked.files == decoded.train.files[1::2]
+    assert load_dataset(DataConfig("synthetic")).train.files is None  # a generated set has no files
 
 
 def test_imagefolder_uses_its_train_and_test_folders(tmp_path):

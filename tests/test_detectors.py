@@ -12,6 +12,7 @@ from PIL import Image
 
 from bdguard.data import DataConfig, load_dataset
 from bdguard.detectors.spectral import flag_top, spectral_scores
+from bdguard.errors import BdguardError
 from bdguard.io import read_json
 from bdguard.models import ModelMeta, build_model, save_model
 from bdguard.runs.detect import DetectConfig, run_detect
@@ -138,20 +139,30 @@ def _image_folder(root: Path) -> Path:
 
 def test_a_users_own_folder_is_ranked_without_metrics(tmp_path):
     folder = _image_folder(tmp_path / "images")
-    config = DetectConfig.from_dict(
-        {
-            "data": {"dataset": f"imagefolder:{folder}", "cache_dir": str(tmp_path / "cache")},
-            "detector": {"name": "spectral"},
-            "train": {**TRAIN, "epochs": 1},
-            "gallery": 8,
-        }
-    )
+    config_dict = {
+        "data": {"dataset": f"imagefolder:{folder}", "cache_dir": str(tmp_path / "cache")},
+        "train": {**TRAIN, "epochs": 1},
+    }
+    config = DetectConfig.from_dict({**config_dict, "detector": {"name": "spectral"}, "gallery": 8})
     results = run_detect(config, tmp_path / "out", quiet=True)
     assert results["metrics"] is None and results["poisoned"] is None and results["attack"] == "none"
-    rows = (tmp_path / "out" / "scores.csv").read_text().splitlines()
-    assert rows[0] == "index,label,score,flagged" and len(rows) == 1 + results["samples"]
-    assert results["flagged"] == sum(row.endswith(",yes") for row in rows[1:]) > 0
+    rows = [row.split(",") for row in (tmp_path / "out" / "scores.csv").read_text().splitlines()]
+    assert rows[0] == ["index", "label", "score", "flagged", "file"] and len(rows) == 1 + results["samples"]
+    flagged = [file for _, label, _, flag, file in rows[1:] if flag == "yes"]
+    assert results["flagged"] == len(flagged) > 0
+    assert all(file == f"class{label}/{int(file[7:-4])}.png" for _, label, _, _, file in rows[1:])
     assert (tmp_path / "out" / "most_suspicious.png").is_file() and (tmp_path / "out" / "score_hist.png").is_file()
+
+    # the user's next step: retrain without the flagged files, named as scores.csv names them
+    (tmp_path / "flagged.txt").write_text("\n".join(flagged) + "\n")
+    retrain = {**config_dict, "data": {**config_dict["data"], "exclude": str(tmp_path / "flagged.txt")}}
+    trained = run_train(RunConfig.from_dict(retrain), tmp_path / "retrained", quiet=True)
+    manifest = read_json(tmp_path / "retrained" / "attack.json")
+    assert manifest["excluded"] == len(flagged) and trained["train_size"] == results["samples"] - len(flagged)
+    (tmp_path / "typo.txt").write_text(f"{rows[1][4]}\nclass9/0.png\n")
+    typo = {**config_dict, "data": {**config_dict["data"], "exclude": str(tmp_path / "typo.txt")}}
+    with pytest.raises(BdguardError, match="1 name\\(s\\) are not training files, e.g. 'class9/0.png'"):
+        run_train(RunConfig.from_dict(typo), tmp_path / "typo", quiet=True)
 
 
 def test_spectral_scores_single_out_a_shifted_minority():

@@ -93,3 +93,19 @@ def test_a_ray_worker_killed_under_a_cell_is_retried_and_the_cell_resumes(tmp_pa
     )
     assert code == 0, err
     _assert_every_step_done_once(out)
+
+
+def test_a_ray_of_our_own_runs_its_workers_at_normal_priority(monkeypatch):
+    """Ray's default niceness of 15 let any busy process on the machine starve the bench's cells (a Ray test took
+    800 s beside two training runs, 110 s at niceness 0)."""
+    ray = pytest.importorskip("ray")
+    from bdguard.bench.executors import ExecutorConfig, RayPool
+
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    pool = RayPool(ExecutorConfig(kind="ray", workers=1))
+    try:
+        niceness = ray.remote(lambda: os.nice(0))  # a lambda travels by value: the worker cannot import this file
+        assert ray.get(niceness.remote()) == os.nice(0)
+    finally:
+        pool.close()

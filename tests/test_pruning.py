@@ -12,7 +12,8 @@ from bdguard.data.base import DataBundle, ImageSet, TriggeredSet
 from bdguard.defenses import DEFENSES, DefenseConfig, PostTrainingDefense, RepairJob, build_defense
 from bdguard.defenses.common import fine_tune
 from bdguard.defenses.pruning import clp, triggers
-from bdguard.defenses.pruning.core import MaskedSet, pruned_mask, rank_channels
+from bdguard.defenses.pruning.core import MaskedSet, choose_k, pruned_mask, rank_channels
+from bdguard.defenses.pruning.params import PruneParams
 from bdguard.errors import BdguardError
 from bdguard.models import ModelMeta, build_model, load_model, save_model
 from bdguard.models.base import BackdoorModel
@@ -312,3 +313,16 @@ def test_the_probe_is_a_seeded_share_of_the_test_set_disjoint_from_the_rest():
 def test_bad_params_are_refused_by_name(params, fragment):
     with pytest.raises(BdguardError, match=fragment.replace("[", r"\[").replace(".", r"\.")):
         build_defense(DefenseConfig("linf-prune", params))
+
+
+def test_auto_budget_stops_at_the_first_k_whose_asr_is_at_the_target_and_before_an_accuracy_fall():
+    params = PruneParams(asr_target=0.125, max_ba_drop=0.25)  # values a float holds exactly
+    rows = [{"probe_acc": 1.0, "probe_asr": asr} for asr in (0.95, 0.40, 0.125, 0.05)]
+    assert choose_k(rows, params, limit=3) == (2, "probe ASR target")  # exactly at the target counts
+    rows[2]["probe_asr"] = 0.1250001
+    assert choose_k(rows, params, limit=3) == (3, "probe ASR target")
+    assert choose_k(rows, params, limit=2) == (2, "max_fraction")
+    rows[2]["probe_acc"] = 0.75  # a drop of exactly max_ba_drop is allowed ...
+    assert choose_k(rows, params, limit=3) == (3, "probe ASR target")
+    rows[2]["probe_acc"] = 0.74  # ... a larger one keeps the k before it
+    assert choose_k(rows, params, limit=3) == (1, "probe accuracy drop")

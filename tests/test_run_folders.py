@@ -136,3 +136,6 @@ def test_retraining_without_the_flagged_samples_gives_a_clean_model(tmp_path, ca
     np.save(tmp_path / "short.npy", np.zeros(3, dtype=bool))
     code, _, err = run_cli(capsys, *argv, "--exclude", str(tmp_path / "short.npy"), "--out", str(tmp_path / "x"))
     assert_one_line_error(code, err, "expected bool flags over the")
+    (tmp_path / "names.txt").write_text("class0/0.png\n")  # file names, for a set that has none
+    code, _, err = run_cli(capsys, *argv, "--exclude", str(tmp_path / "names.txt"), "--out", str(tmp_path / "y"))
+    assert_one_line_error(code, err, "this data set was not read from files")

@@ -170,3 +170,30 @@ def test_a_diverging_run_stops_with_one_line_and_leaves_no_result(tmp_path, caps
     assert not (run / "model.safetensors").exists() and not (run / "results.json").exists()
     rows = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
     assert all("NaN" not in row and "Infinity" not in row for row in rows)
+
+
+def test_every_epoch_draws_its_own_shuffle_and_augmentation_and_a_rerun_draws_them_again():
+    """Epoch e's generator is seeded by (seed, e): epochs differ from one another (a generator stuck at one state
+    would show every epoch the same batches and crops) and a resumed epoch repeats its draws exactly."""
+    data = ImageSet(torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8), torch.arange(40) % 4)
+    config = TrainConfig(model="small-cnn", batch_size=8, epochs=3, device="cpu")
+    seen: list[torch.Tensor] = []
+
+    def recording(images, generator):
+        seen.append(images.clone())
+        return images.flip(-1) if torch.rand((), generator=generator) < 0.5 else images
+
+    def first_batches(epochs):
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 4))
+        trainer = Trainer(model, config, torch.device("cpu"), recording, steps=5)
+        batches = []
+        for epoch in epochs:
+            seen.clear()
+            trainer.train_epoch(data, epoch, quiet=True)
+            batches.append(torch.stack(seen))
+        return batches
+
+    one, two, three = first_batches([1, 2, 3])
+    assert not torch.equal(one, two) and not torch.equal(two, three)
+    (again,) = first_batches([2])
+    assert torch.equal(again, two)

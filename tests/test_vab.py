@@ -1,32 +1,49 @@
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from bdguard.attacks import AttackConfig, build_attack
 from bdguard.data import DataConfig, load_dataset
 from bdguard.data.augment import Augment
 from bdguard.data.base import ImageSet, PoisonedSet
 from bdguard.defenses import DEFENSES, DefenseConfig, build_defense
 from bdguard.defenses.vab import PRESETS, VabParams, make_schedule, threshold
 from bdguard.defenses.vab.attention_mix import attention_map, attention_mix
-from bdguard.defenses.vab.beneficiary import Beneficiary, label_agreement, stage_a_epoch, stage_b_epoch
+from bdguard.defenses.vab.beneficiary import (
+    Beneficiary,
+    _unlabelled_forward,
+    label_agreement,
+    stage_a_epoch,
+    stage_b_epoch,
+    unlearn_epoch,
+)
 from bdguard.defenses.vab.labels import (
     LabelGuard,
     LabelRule,
     attacked_labels,
     class_balanced,
+    disputed,
     diverse_contradictions,
     label_split,
     look_alikes,
     otsu_low,
 )
 from bdguard.defenses.vab.report import split_metrics
-from bdguard.defenses.vab.suppression import of_labels, pseudo_targets, soft_cross_entropy, suppress, victim_beliefs
+from bdguard.defenses.vab.suppression import (
+    of_labels,
+    pseudo_targets,
+    soft_cross_entropy,
+    suppress,
+    unlearning_loss,
+    victim_beliefs,
+)
 from bdguard.defenses.vab.victim import EntropyDetector, entropy_scores, entropy_split, victim_epoch, victim_logits
 from bdguard.errors import BdguardError
 from bdguard.models import build_model
-from bdguard.training import TrainConfig
+from bdguard.training import TrainConfig, evaluate
 from bdguard.training.runtime import Runtime
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -457,6 +474,74 @@ def test_of_labels_keeps_the_beliefs_of_the_suppressed_labels_only():
     assert of_labels(beliefs, labels, None) is beliefs
 
 
+def test_stage_b_weighs_the_unlabelled_loss_by_alpha():
+    ben, victim, data = _beneficiary(n=24)
+    logits = victim_logits(victim, data.images, 8, CPU)
+    nothing = torch.zeros(0, dtype=torch.long)
+    for alpha in (0.1, 0.5):  # no credible samples: one step whose loss is alpha * L_u alone
+        metrics = stage_b_epoch(ben, logits, data, nothing, torch.arange(24), alpha, _generator(), "", LR).metrics
+        assert math.isclose(metrics["loss"], alpha * metrics["loss_u"], rel_tol=1e-6), metrics
+
+
+def test_two_views_give_pseudo_labels_from_the_mean_of_both_views():
+    ben, _, data = _beneficiary(n=64)
+    ben.params = VabParams(views=2)
+    ben.model.eval()  # the same logits for a view whichever batch it is in
+    logits, guessed = _unlabelled_forward(ben, data.images, _generator(3), slice(None))
+    first, second = F.softmax(logits.detach(), dim=1).split(64)
+    assert torch.equal(guessed, pseudo_targets(first, second))
+    assert not torch.equal(guessed, pseudo_targets(first))  # one view alone would answer otherwise here
+
+
+# -- stage_b=unlearn --------------------------------------------------------------------------------------------------
+
+
+def test_the_unlearning_loss_is_minus_log_one_minus_the_labels_probability_and_stays_finite():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0], [100.0, -100.0, 0.0]], requires_grad=True)
+    labels = torch.tensor([0, 2, 1])
+    p = F.softmax(logits.detach(), dim=1).gather(1, labels[:, None]).squeeze(1)
+    loss = unlearning_loss(logits, labels)
+    assert math.isclose(float(loss.detach()), float(-(1 - p).log().mean()), rel_tol=1e-5)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+    assert logits.grad[0, 0] > 0 and logits.grad[1, 2] > 0  # descent lowers the given label's logit
+    sure = torch.tensor([[60.0, 0.0, 0.0]])  # p_label = 1 - 2e-26: large but finite, not inf
+    far = float(unlearning_loss(sure, torch.tensor([0])))
+    assert math.isfinite(far) and far > 50
+
+
+def test_unlearning_or_relabelling_takes_out_a_trigger_that_residual_poison_taught_and_keeps_the_classes():
+    """A Beneficiary that learned BadNets from the poison (as stage A does from the poison the split misses): stage
+    B's loss on the suspicious samples (nine in ten of the poison; the tenth stays in C), their given label unlearned
+    or their true class learned (as the check model gives it), takes the trigger out and keeps benign accuracy; the
+    same epochs without that loss leave the backdoor in."""
+    bundle = load_dataset(DataConfig(dataset="synthetic"))
+    attack = build_attack(AttackConfig(name="badnets", target=0, rate=0.1, params={"patch_size": 4}), 10, (3, 16, 16))
+    poisoned, triggered = attack.poison(bundle.train), attack.test_set(bundle.test)
+    torch.manual_seed(0)
+    net = build_model("small-cnn", 10, 3, bundle.mean, bundle.std)
+    ben = Beneficiary(net, torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9), None, 64, 10, VabParams(), CPU)
+    everything = torch.arange(len(poisoned.train))
+    for epoch in range(2):
+        stage_a_epoch(ben, poisoned.train, everything, _generator(epoch), "", lambda done: 0.05)
+    assert evaluate(ben.model, bundle.test, triggered)["asr"] > 0.9
+
+    poison = poisoned.poison_mask.nonzero().squeeze(1)
+    suspicious = poison[len(poison) // 10 :]
+    credible = everything[~torch.isin(everything, suspicious)]
+    outcomes = {}
+    for name, weight, relabel in (("none", 0.0, None), ("unlearn", 1.0, None), ("relabel", 1.0, bundle.train.labels)):
+        trained = copy.deepcopy(ben)
+        for epoch in range(2):
+            args = (poisoned.train, credible, suspicious, weight, _generator(epoch), "", LR, relabel)
+            unlearn_epoch(trained, *args)
+        outcomes[name] = evaluate(trained.model, bundle.test, triggered)
+    assert outcomes["none"]["asr"] > 0.5, outcomes  # the residual tenth keeps the backdoor alive ...
+    for name in ("unlearn", "relabel"):  # ... unless the suspicious samples are tied to something else
+        assert outcomes[name]["asr"] < 0.1, outcomes
+        assert outcomes[name]["ba"] >= outcomes["none"]["ba"] - 0.03, outcomes
+
+
 # -- the label rule (labels.py) -------------------------------------------------------------------------------------
 
 RULE = LabelRule(share=0.3, min_share=0.0, check_flags="off", within="global")
@@ -554,6 +639,15 @@ def test_otsu_inside_an_attacked_label_keeps_its_sure_clean_samples_credible():
     assert torch.equal(label_split(flagged, labels, predicted, attacked, otsu, entropy), poison)
     assert torch.equal(label_split(flagged, labels, predicted, attacked, RULE, entropy), flagged)
     assert otsu_low(torch.tensor([1.0, 1.1, 5.0, 5.2, 5.1])).tolist() == [True, True, False, False, False]
+
+
+def test_unlearning_reaches_the_disputed_samples_and_with_diverse_not_those_put_in_the_look_alike():
+    # label 0's clean samples are mistaken for class 2 (its look-alike); the flagged ones show classes 1, 2 and 3
+    labels = torch.tensor([0, 0, 0, 0, 0, 0, 0, 1, 2, 3])
+    predicted = torch.tensor([0, 2, 2, 0, 1, 2, 3, 1, 2, 3])
+    credible = torch.tensor([True, True, True, True, False, False, False, True, True, True])
+    assert disputed(labels, predicted, credible, 4, diverse=False).tolist() == [0, 1, 1, 0, 1, 1, 1, 0, 0, 0]
+    assert disputed(labels, predicted, credible, 4, diverse=True).tolist() == [0, 0, 0, 0, 1, 0, 1, 0, 0, 0]
 
 
 def test_diverse_check_flags_leave_out_the_labels_look_alike():

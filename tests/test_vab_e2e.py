@@ -213,6 +213,37 @@ def test_the_label_rule_keeps_an_easy_clean_class_credible_and_the_poison_suspic
     assert default["asr"] < 0.05 and default["ba"] >= plain["ba"], (default, plain)
 
 
+@pytest.mark.parametrize("stage_b", ["unlearn", "relabel"])
+def test_stage_b_unlearns_only_the_suspicious_samples_the_check_model_disputes(tmp_path, monkeypatch, stage_b):
+    """On the easy-class set (label 0 found attacked): stage B's loss on S reaches only the suspicious samples the
+    check model puts in another class, nearly all of them relabelled poison, and never the target label's clean
+    samples the check model agrees with; the model ends clean. With the global split (no attacked label) stage B
+    falls back to the reference's suppression."""
+    seen: list[torch.Tensor] = []
+    original = vab_defense.unlearn_epoch
+
+    def recorded(ben, data, credible, suspicious, *args):
+        seen.append(suspicious.clone())
+        return original(ben, data, credible, suspicious, *args)
+
+    monkeypatch.setattr(vab_defense, "unlearn_epoch", recorded)
+    job, results, split = _split(tmp_path, stage_b, stage_b=stage_b)
+    _, relabelled = _easy_and_relabelled(job.poisoned)
+    assert len(seen) == 2 and seen[-1].numel() > 0  # both stage B epochs
+    reached = torch.zeros_like(split)
+    reached[torch.cat(seen).unique()] = True
+    assert not (reached & ~split).any()  # only suspicious samples ...
+    assert _share(relabelled, reached) >= 0.9, _share(relabelled, reached)  # ... nearly all of them poison
+    assert _share(reached, relabelled) >= 0.6, _share(reached, relabelled)
+    assert results["asr"] < 0.05, results
+    rows = [json.loads(line) for line in (tmp_path / stage_b / "metrics.jsonl").read_text().splitlines()]
+    assert [row.get("unlearned") for row in rows] == [None, None, seen[0].numel(), seen[1].numel()]
+
+    seen.clear()
+    _, fallback, _ = _split(tmp_path, "global", split_rule="global", stage_b=stage_b)
+    assert seen == [] and fallback["split"]["attacked_labels"] == []
+
+
 def test_refinement_freezes_after_its_share_of_the_run(tmp_path, monkeypatch):
     """refine_until 0.5 of 4 epochs: the Beneficiary's agreement is asked before epoch 2 only; from epoch 3 on, what
     it took back then stays in C and the rest of the Victim's (updated) flagged set is suspicious."""

@@ -122,7 +122,7 @@ class Attack(ABC):
         if not self.clean_label:
             labels[mask] = self.target_labels(train.labels[mask])
         cross = torch.zeros_like(mask)
-        return PoisonedSet(ImageSet(images, labels), mask, cross, train.labels, self.manifest(mask, cross))
+        return PoisonedSet(ImageSet(images, labels, train.files), mask, cross, train.labels, self.manifest(mask, cross))
 
     def poison_with_cross(
         self,
@@ -152,7 +152,7 @@ class Attack(ABC):
         poison_mask[poison_index] = True
         cross_mask[cross_index] = True
         manifest = self.manifest(poison_mask, cross_mask)
-        return PoisonedSet(ImageSet(images, labels), poison_mask, cross_mask, train.labels, manifest)
+        return PoisonedSet(ImageSet(images, labels, train.files), poison_mask, cross_mask, train.labels, manifest)
 
     def test_set(self, test: ImageSet) -> TriggeredSet:
         """Triggered test images; all-to-one leaves out images already of the target class."""

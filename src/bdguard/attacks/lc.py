@@ -230,4 +230,4 @@ class LabelConsistent(Attack):
                 loss, error = loss_and_error(self.surrogate, batch, labels)
                 manifest["pgd"][f"{name}_loss"] = loss
                 manifest["pgd"][f"{name}_misclassified"] = error
-        return PoisonedSet(ImageSet(images, train.labels.clone()), mask, cross, train.labels, manifest)
+        return PoisonedSet(ImageSet(images, train.labels.clone(), train.files), mask, cross, train.labels, manifest)

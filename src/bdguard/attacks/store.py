@@ -80,7 +80,7 @@ def load_poisoned(folder: str | Path, key: str, train: ImageSet) -> PoisonedSet 
     images[index] = arrays["images"].to(device)
     labels[index] = arrays["labels"].to(device)
     return PoisonedSet(
-        ImageSet(images, labels),
+        ImageSet(images, labels, train.files),
         arrays["poison_mask"].to(device),
         arrays["cross_mask"].to(device),
         train.labels,

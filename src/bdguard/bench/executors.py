@@ -136,6 +136,10 @@ class RayPool:
         }
         if not where and executor.workers is not None:
             options["num_cpus"] = executor.workers * executor.cell_cpus  # a Ray of our own: as large as asked
+        if not where:
+            # Ray runs its workers at niceness 15 unless told otherwise; the cells are this machine's work, and at 15
+            # any other busy process (a second bench, a training run) starved them to a tenth of a core
+            os.environ.setdefault("RAY_worker_niceness", "0")
         if where:
             _check_reachable(where)
         try:

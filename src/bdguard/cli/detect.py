@@ -11,7 +11,8 @@ from bdguard.cli.options import TRAIN_FLAGS as RUN_TRAIN_FLAGS
 DESCRIPTION = """\
 Score every sample of a training set (higher = more suspicious) with --detector (see `bdguard detectors`) and
 write to --out:
-  scores.csv          index, label, score, flagged (and poisoned, when --attack planted the poison)
+  scores.csv          index, label, score, flagged, file (a set read from files: its path below the folder,
+                      which train --exclude takes as a list), poisoned (when --attack planted the poison)
   flagged.npy         bool (N,) in load order: what the detector's own threshold flags
   score_hist.png      the scores (by ground truth where known); most_suspicious.png: the top-ranked images
   results.json        the threshold, counts, and with an --attack AUROC, AUPRC, TPR, FPR, precision

@@ -28,7 +28,10 @@ EXCLUDE_FLAGS = [
     (
         "--exclude",
         "data.exclude",
-        {"help": "leave out these training samples: a .npy of flags (detect's flagged.npy) or of indices"},
+        {
+            "help": "leave out these training samples: a .npy of flags (detect's flagged.npy) or of indices, or a "
+            "text file of file names (one per line, as in detect's scores.csv)"
+        },
     ),
 ]
 ATTACK_FLAGS = [

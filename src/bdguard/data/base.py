@@ -12,10 +12,12 @@ from bdguard.errors import BdguardError
 
 @dataclass(frozen=True)
 class ImageSet:
-    """Images as one uint8 tensor (N, C, H, W) and labels as one int64 tensor (N,)."""
+    """Images as one uint8 tensor (N, C, H, W) and labels as one int64 tensor (N,); for a set read from files, the
+    file each image came from (its path below the data folder), carried through subsets and poisoning."""
 
     images: torch.Tensor
     labels: torch.Tensor
+    files: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
@@ -27,6 +29,8 @@ class ImageSet:
                 f"labels must be an int64 tensor of shape ({self.images.shape[0]},), "
                 f"got {self.labels.dtype} {tuple(self.labels.shape)}"
             )
+        if self.files is not None and len(self.files) != self.images.shape[0]:
+            raise BdguardError(f"{len(self.files)} file names for {self.images.shape[0]} images")
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -41,11 +45,16 @@ class ImageSet:
         return self.images.device
 
     def to(self, device: torch.device | str) -> ImageSet:
-        return ImageSet(self.images.to(device), self.labels.to(device))
+        return ImageSet(self.images.to(device), self.labels.to(device), self.files)
 
     def subset(self, index: torch.Tensor) -> ImageSet:
         """Rows selected by an index tensor or a boolean mask."""
-        return ImageSet(self.images[index], self.labels[index])
+        files = None
+        if self.files is not None:
+            rows = torch.as_tensor(index).cpu()
+            rows = rows.nonzero().flatten() if rows.dtype == torch.bool else rows.flatten()
+            files = tuple(self.files[i] for i in rows.tolist())
+        return ImageSet(self.images[index], self.labels[index], files)
 
 
 @dataclass(frozen=True)

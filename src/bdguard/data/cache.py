@@ -19,7 +19,7 @@ import numpy as np
 from bdguard.errors import BdguardError
 from bdguard.io import write_with
 
-FORMAT = 1  # bump when the layout or the decoding changes, so old entries are ignored
+FORMAT = 2  # bump when the layout or the decoding changes, so old entries are ignored
 META = "meta.json"
 
 

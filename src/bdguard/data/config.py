@@ -23,7 +23,8 @@ class DataConfig:
     # Keep this many training images (a subset drawn with a fixed seed, the same for every run): quick runs on a CPU.
     train_size: int | None = None
     # Leave out these training samples (after poisoning, in load order): a .npy of bool flags over the training set
-    # (`bdguard detect`'s flagged.npy) or of sample indices. The practitioner's retraining without what was flagged.
+    # (`bdguard detect`'s flagged.npy) or of sample indices, or a text file of file names (a set read from files,
+    # named as in detect's scores.csv). The practitioner's retraining without what was flagged.
     exclude: str | None = None
 
     def __post_init__(self) -> None:

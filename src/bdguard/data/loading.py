@@ -63,13 +63,14 @@ def load_dataset(config: DataConfig) -> DataBundle:
                     log(f"decoding {source.bundle_name} once (it will be cached in {entry})")
                     raw, stats = _decode(source)
                     info = {"classes": list(raw.classes), "source": raw.source, "mean": stats[0], "std": stats[1]}
+                    info["train_files"] = None if raw.train_files is None else list(raw.train_files)
                     cache.save_entry(entry, identity, {key: getattr(raw, key) for key in ARRAYS}, info)
         if hit is not None:
             raw, stats = hit
             extra["from_cache"] = True
         extra["cache"] = str(entry)
     mean, std = stats
-    train = ImageSet(torch.from_numpy(raw.train_images), torch.from_numpy(raw.train_labels))
+    train = ImageSet(torch.from_numpy(raw.train_images), torch.from_numpy(raw.train_labels), raw.train_files)
     return DataBundle(
         name=source.bundle_name,
         train=train if config.train_size is None else training_subset(train, config.train_size),
@@ -100,7 +101,9 @@ def _from_cache(entry: Path, identity: str) -> tuple[RawSplits, tuple[tuple[floa
     # a hand-edited or foreign entry is rebuilt rather than trusted: everything the decoder would have checked is
     # checked again on every hit
     try:
-        raw = RawSplits(*(arrays[key] for key in ARRAYS), tuple(map(str, meta["classes"])), str(meta["source"]))
+        files = meta.get("train_files")
+        files = None if files is None else tuple(map(str, files))
+        raw = RawSplits(*(arrays[key] for key in ARRAYS), tuple(map(str, meta["classes"])), str(meta["source"]), files)
         raw.validate(str(entry))
         mean, std = tuple(float(m) for m in meta["mean"]), tuple(float(s) for s in meta["std"])
     except (KeyError, TypeError, ValueError, BdguardError):

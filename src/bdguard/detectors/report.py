@@ -52,8 +52,10 @@ def plot_most_suspicious(
     classes: Sequence[str],
     count: int,
     poison: torch.Tensor | None,
+    files: Sequence[str] | None = None,
 ) -> None:
-    """The `count` highest-scoring images with index, given label and score (and, where known, whether poisoned)."""
+    """The `count` highest-scoring images with index (or, for a set read from files, file name), given label and
+    score (and, where known, whether poisoned)."""
     from bdguard.plotting import class_name, new_figure, pixels, write_figure
 
     order = scores.float().argsort(descending=True)[:count].cpu()
@@ -66,6 +68,13 @@ def plot_most_suspicious(
     for ax, index in zip(axes.flat, order.tolist(), strict=False):
         ax.imshow(pixels(images[index], factor), interpolation="nearest")
         truth = "" if poison is None else (" P" if bool(poison[index]) else " clean")
-        caption = f"#{index}{truth}\n{class_name(classes, labels[index])} {float(scores[index]):.3g}"
+        name = f"#{index}" if files is None else _short(files[index])
+        caption = f"{name}{truth}\n{class_name(classes, labels[index])} {float(scores[index]):.3g}"
         ax.set_title(caption, fontsize=6, color="tab:red" if truth == " P" else "black")
     write_figure(figure, path)
+
+
+def _short(file: str, width: int = 18) -> str:
+    """A file's name, its end kept where it is too long for a gallery caption."""
+    name = file.rsplit("/", 1)[-1]
+    return name if len(name) <= width else "…" + name[-(width - 1) :]

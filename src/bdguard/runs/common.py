@@ -17,7 +17,7 @@ from bdguard.attacks import Attack, AttackConfig, AttackContext, build_attack, c
 from bdguard.attacks.store import load_poisoned, poison_key, store_poisoned
 from bdguard.config import from_dict
 from bdguard.data import DataBundle, DataConfig, load_dataset
-from bdguard.data.base import PoisonedSet, TriggeredSet
+from bdguard.data.base import ImageSet, PoisonedSet, TriggeredSet
 from bdguard.data.loading import known_class_count
 from bdguard.errors import BdguardError
 from bdguard.hashing import digest, settings_dict
@@ -96,14 +96,18 @@ def poisoned_data(
         else:
             log(f"poisoned set read from {store / key}")
     if data.exclude is not None:
-        poisoned = without(poisoned, excluded_samples(Path(data.exclude), len(poisoned.train)), data.exclude)
+        poisoned = without(poisoned, excluded_samples(Path(data.exclude), poisoned.train), data.exclude)
     triggered = attack.test_set(bundle.test) if attack.has_trigger else None
     return bundle, attack, poisoned, triggered
 
 
-def excluded_samples(path: Path, size: int) -> torch.Tensor:
-    """bool (size,): the samples a .npy file of flags or of indices names (`data.exclude`)."""
+def excluded_samples(path: Path, train: ImageSet) -> torch.Tensor:
+    """bool (N,): the training samples that `data.exclude` names: a .npy file of flags or of indices, or a text file
+    of file names, one per line (for a set read from files)."""
     where = f"data.exclude {path}"
+    size = len(train)
+    if path.suffix != ".npy":
+        return _named_samples(path, train, where)
     try:
         values = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
@@ -120,6 +124,25 @@ def excluded_samples(path: Path, size: int) -> torch.Tensor:
         f"{where} holds {values.dtype} {tuple(values.shape)}: expected bool flags over the {size} training samples "
         "(detect's flagged.npy) or sample indices"
     )
+
+
+def _named_samples(path: Path, train: ImageSet, where: str) -> torch.Tensor:
+    if train.files is None:
+        raise BdguardError(f"{where}: this data set was not read from files, so give a .npy of flags or indices")
+    try:
+        names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BdguardError(f"{where}: not a readable text file of file names ({exc})") from None
+    row = {name: i for i, name in enumerate(train.files)}
+    unknown = [name for name in names if name not in row]
+    if unknown:
+        raise BdguardError(
+            f"{where}: {len(unknown)} name(s) are not training files, e.g. {unknown[0]!r} (names are paths below the "
+            f"data folder, as in detect's scores.csv, e.g. {train.files[0]!r})"
+        )
+    mask = torch.zeros(len(train), dtype=torch.bool)
+    mask[[row[name] for name in names]] = True
+    return mask
 
 
 def without(poisoned: PoisonedSet, dropped: torch.Tensor, source: str) -> PoisonedSet:

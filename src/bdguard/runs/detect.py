@@ -5,9 +5,9 @@ poison mask is ground truth and the detection is measured against it), or as it 
 set: ranking, flags and gallery, no metrics). Detectors that inspect a trained model take `model_path`, or train
 the undefended model on the set in DIR/model/ (a `bdguard train` run folder, resumable), once.
 
-Files: scores.csv (index, label, score, flagged, and poisoned where known), flagged.npy (bool (N,), load order),
-score_hist.png, most_suspicious.png, config.json, results.json (the detector, its threshold, counts, seconds, and
-AUROC, AUPRC, TPR, FPR, precision where ground truth exists).
+Files: scores.csv (index, label, score, flagged, file for a set read from files, and poisoned where known),
+flagged.npy (bool (N,), load order), score_hist.png, most_suspicious.png, config.json, results.json (the detector,
+its threshold, counts, seconds, and AUROC, AUPRC, TPR, FPR, precision where ground truth exists).
 """
 
 from __future__ import annotations
@@ -166,6 +166,9 @@ def _write_outputs(out: Path, config: DetectConfig, detection: Detection, data, 
     columns = [np.arange(scores.numel()).astype(str), labels.numpy().astype(str)]
     columns += [np.char.mod("%.6g", scores.numpy()), np.where(flagged.numpy(), "yes", "no")]
     header = "index,label,score,flagged"
+    if data.files is not None:  # a set read from files: the rows are named by them too (data.exclude takes them)
+        columns.append(np.array([_csv_field(name) for name in data.files], dtype=str))
+        header += ",file"
     if truth is not None:
         columns.append(np.where(truth.cpu().numpy(), "yes", "no"))
         header += ",poisoned"
@@ -177,4 +180,13 @@ def _write_outputs(out: Path, config: DetectConfig, detection: Detection, data, 
     truth_cpu = None if truth is None else truth.cpu()
     plot_score_hist(out / "score_hist.png", scores, flagged, truth_cpu)
     count = min(config.gallery, scores.numel())
-    plot_most_suspicious(out / "most_suspicious.png", data.images.cpu(), labels, scores, classes, count, truth_cpu)
+    plot_most_suspicious(
+        out / "most_suspicious.png", data.images.cpu(), labels, scores, classes, count, truth_cpu, data.files
+    )
+
+
+def _csv_field(text: str) -> str:
+    """A file name as one CSV field: quoted (quotes doubled) where it holds a comma, a quote or a line break."""
+    if any(c in text for c in ',"\n\r'):
+        return '"' + text.replace('"', '""') + '"'
+    return text

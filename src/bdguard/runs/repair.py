@@ -93,7 +93,7 @@ def read_probe_folder(config: ProbeConfig, bundle: DataBundle) -> ImageSet:
         raise BdguardError(f"probe.source must be {TEST_HOLDOUT!r} or a folder of class sub-folders; got {folder}")
     channels, height, width = bundle.image_shape
     decoder = ImageDecoder(height if height == width else None, allow_gray=channels == 1)
-    images, labels = read_labelled_dir(folder, list(bundle.classes), decoder)
+    images, labels, _ = read_labelled_dir(folder, list(bundle.classes), decoder)
     probe = ImageSet(torch.from_numpy(images), torch.from_numpy(labels))
     if probe.image_shape != bundle.image_shape:
         raise BdguardError(f"probe images in {folder} are {probe.image_shape}; the model takes {bundle.image_shape}")

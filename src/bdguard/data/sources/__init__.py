@@ -45,9 +45,12 @@ class RawSplits:
     test_labels: np.ndarray
     classes: tuple[str, ...]
     source: str  # human-readable provenance, shown in reports
+    train_files: tuple[str, ...] | None = None  # where each training image came from, for sets read from files
 
     def validate(self, name: str) -> None:
         """Refuse arrays that would break the code downstream, naming the data set."""
+        if self.train_files is not None and len(self.train_files) != len(self.train_images):
+            raise BdguardError(f"{name}: {len(self.train_files)} file names for {len(self.train_images)} images")
         if len(self.classes) < 2:
             raise BdguardError(f"{name}: a classifier needs at least two classes; found {len(self.classes)}")
         for split in ("train", "test"):

@@ -19,7 +19,7 @@ from bdguard.data.sources import (
     path_identity,
     search_roots,
 )
-from bdguard.data.sources.folders import read_split_dirs
+from bdguard.data.sources.folders import raw_splits, read_split_dirs
 from bdguard.errors import BdguardError
 
 # Alphabetical, which is both ImageFolder's label order and CIFAR-10's own.
@@ -89,7 +89,7 @@ class Cifar10(FileSource[tuple[str, Path]]):
             decoder = ImageDecoder(resize_hint=False)
             classes, train, test = read_split_dirs(path / "train", path / "test", decoder)
             _check_classes(classes, path)
-            return _checked(RawSplits(*train, *test, CLASSES, f"CIFAR-10 ImageFolder {path}"), path)
+            return _checked(raw_splits(CLASSES, train, test, f"CIFAR-10 ImageFolder {path}"), path)
         return _from_archive(path)
 
     def _download(self, root: Path) -> tuple[str, Path]:

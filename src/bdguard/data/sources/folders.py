@@ -8,13 +8,14 @@ from pathlib import Path
 
 import numpy as np
 
-from bdguard.data.sources import ImageDecoder, is_image_name
+from bdguard.data.sources import ImageDecoder, RawSplits, is_image_name
 from bdguard.errors import BdguardError
 
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0
 
-Split = tuple[np.ndarray, np.ndarray]  # images (N, C, H, W) uint8, labels (N,) int64
+# images (N, C, H, W) uint8, labels (N,) int64, and where each image came from: its path below the folder read
+Split = tuple[np.ndarray, np.ndarray, tuple[str, ...]]
 
 
 def class_dirs(folder: Path) -> list[Path]:
@@ -51,11 +52,20 @@ def _decode(files: list[Path], decoder: ImageDecoder) -> list[np.ndarray]:
     return [decoder(str(file), file) for file in files]
 
 
+def _names(files: list[Path], folder: Path) -> tuple[str, ...]:
+    return tuple(file.relative_to(folder).as_posix() for file in files)
+
+
+def raw_splits(classes: tuple[str, ...], train: Split, test: Split, source: str) -> RawSplits:
+    """A folder source's splits; the training images keep their file names (detect names its rows by them)."""
+    return RawSplits(train[0], train[1], test[0], test[1], classes, source, train_files=train[2])
+
+
 def read_labelled_dir(folder: Path, classes: list[str], decoder: ImageDecoder) -> Split:
     """Every image of a folder of class sub-folders, labelled by its sub-folder's index in `classes` (a given
     class list, e.g. a model's); a sub-folder may hold any subset of the classes."""
     files, labels = _scan(folder, classes)
-    return decoder.stack(_decode(files, decoder)), labels
+    return decoder.stack(_decode(files, decoder)), labels, _names(files, folder)
 
 
 def read_split_dirs(train_dir: Path, test_dir: Path, decoder: ImageDecoder) -> tuple[list[str], Split, Split]:
@@ -65,7 +75,8 @@ def read_split_dirs(train_dir: Path, test_dir: Path, decoder: ImageDecoder) -> t
     test_files, test_labels = _scan(test_dir, classes)
     # Both splits are decoded before stacking: whether to keep one channel depends on every image.
     train_images, test_images = _decode(train_files, decoder), _decode(test_files, decoder)
-    return classes, (decoder.stack(train_images), train_labels), (decoder.stack(test_images), test_labels)
+    train = (decoder.stack(train_images), train_labels, _names(train_files, train_dir.parent))
+    return classes, train, (decoder.stack(test_images), test_labels, _names(test_files, test_dir.parent))
 
 
 def read_single_dir(folder: Path, decoder: ImageDecoder) -> tuple[list[str], Split, Split]:
@@ -86,4 +97,9 @@ def read_single_dir(folder: Path, decoder: ImageDecoder) -> tuple[list[str], Spl
         ) from None
     # Sorted indices keep the folder's order inside each split.
     train, test = np.sort(train), np.sort(test)
-    return classes, (images[train], labels[train]), (images[test], labels[test])
+    names = _names(files, folder)
+    return (
+        classes,
+        (images[train], labels[train], tuple(names[i] for i in train)),
+        (images[test], labels[test], tuple(names[i] for i in test)),
+    )

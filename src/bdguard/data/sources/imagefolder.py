@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bdguard.data.sources import DATASETS, DatasetSource, ImageDecoder, RawSplits, path_identity
-from bdguard.data.sources.folders import class_dirs, read_single_dir, read_split_dirs
+from bdguard.data.sources.folders import class_dirs, raw_splits, read_single_dir, read_split_dirs
 from bdguard.errors import BdguardError
 
 
@@ -56,7 +56,7 @@ class ImageFolderSource(DatasetSource):
         else:
             classes, train, test = read_single_dir(folder, decoder)
             how = "split 80/20 (seed 0)"
-        return RawSplits(*train, *test, tuple(classes), f"ImageFolder {folder}, {how}")
+        return raw_splits(tuple(classes), train, test, f"ImageFolder {folder}, {how}")
 
     def status(self) -> tuple[bool, str]:
         return True, "any folder you name: imagefolder:<path>"

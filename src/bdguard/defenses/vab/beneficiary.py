@@ -22,7 +22,14 @@ from bdguard.data.augment import Augment
 from bdguard.data.base import ImageSet
 from bdguard.defenses.vab.attention_mix import attention_map, attention_mix
 from bdguard.defenses.vab.config import VabParams
-from bdguard.defenses.vab.suppression import of_labels, pseudo_targets, soft_cross_entropy, suppress, victim_beliefs
+from bdguard.defenses.vab.suppression import (
+    of_labels,
+    pseudo_targets,
+    soft_cross_entropy,
+    suppress,
+    unlearning_loss,
+    victim_beliefs,
+)
 from bdguard.models import BackdoorModel
 from bdguard.progress import progress_bar
 from bdguard.training.runtime import Runtime, batch_indices, cycle_batches, steps_per_epoch
@@ -53,14 +60,14 @@ class Beneficiary:
             return [self.runtime.inputs(images[part])] * self.params.views
         return [self.runtime.inputs(self.augment(images, generator)[part]) for _ in range(self.params.views)]
 
-    def mixed_loss(
+    def mix(
         self, views: list[torch.Tensor], targets: torch.Tensor, generator: torch.Generator
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """AttentionMix, then the soft cross-entropy of the batch, fed one view's worth at a time. `targets` holds one
-        row per image of every view. With `mix_share` 1 (the reference) every image is mixed, partners drawn among
-        all images of all views, their attention taken view by view; with a smaller share a random subset of that
-        size is mixed among itself and the rest trains as it is; with 0 nothing is mixed and no attention computed.
-        Returns the loss and the mixed-pixel share."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """AttentionMix of the views' images (concatenated) and their `targets` (one row per image of every view).
+        With `mix_share` 1 (the reference) every image is mixed, partners drawn among all images of all views, their
+        attention taken view by view; with a smaller share a random subset of that size is mixed among itself and
+        the rest trains as it is; with 0 nothing is mixed and no attention computed. Returns the images (in the
+        run's layout), their targets and the mixed-pixel share."""
         images = torch.cat(views)
         n = images.shape[0]
         share = self.params.mix_share
@@ -82,7 +89,14 @@ class Beneficiary:
             )
             images, targets = images.index_copy(0, chosen, mixed), targets.index_copy(0, chosen, mixed_targets)
             region = region * chosen.numel() / n
-        images = self.runtime.layout(images)
+        return self.runtime.layout(images), targets, region
+
+    def mixed_loss(
+        self, views: list[torch.Tensor], targets: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`mix`, then the soft cross-entropy of the batch, fed one view's worth at a time (as the reference feeds
+        BatchNorm). Returns the loss and the mixed-pixel share."""
+        images, targets, region = self.mix(views, targets, generator)
         with self.runtime.autocast():
             logits = torch.cat([self.network(part) for part in images.split(views[0].shape[0])])
         return soft_cross_entropy(logits, targets), region
@@ -210,6 +224,73 @@ def stage_b_epoch(
         "mixed_region": means[3] if n_c else None,
     }
     return StageBResult(metrics, *_seen_by_any_rank(weight, pseudo))
+
+
+def unlearn_epoch(
+    ben: Beneficiary,
+    data: ImageSet,
+    credible: torch.Tensor,
+    suspicious: torch.Tensor,
+    weight: float,
+    generator: torch.Generator,
+    label: str,
+    lr: LearningRate,
+    relabel: torch.Tensor | None = None,
+) -> dict[str, float | None]:
+    """Stage B with `stage_b=unlearn` or `relabel` (docs/methods/vab.md 4): one pass over C in batches of B, each
+    joined by a batch of the samples `suspicious` (about |S| / steps of them, so they are traversed about once) in
+    the same forward pass, so BatchNorm sees the two mixed as in the training set; loss = L_C (cross-entropy with the
+    given labels, AttentionMix as in stage A) + weight * L_S. L_S: with `relabel` (N,) the cross-entropy towards
+    those classes, else the unlearning loss of the given label (mean -log(1 - p_label)): either way the trigger that
+    residual poison in C teaches is tied to something other than the attack's target."""
+    ben.model.train()
+    n_c, n_s = credible.numel(), suspicious.numel()
+    if n_c == 0:
+        return {"loss": None, "loss_mix": None, "loss_unlearn": None, "mixed_region": None}
+    own = distributed.own_generator(generator)
+    steps = steps_per_epoch(n_c, ben.batch_size)
+    unlabelled = cycle_batches(n_s, max(1, -(-n_s // steps)), generator) if n_s else None
+    sums = torch.zeros(4, device=ben.runtime.device)  # loss, L_C, L_unlearn, mixed region
+    with progress_bar(label, steps, ben.runtime.quiet) as bar:
+        for step, batch in enumerate(batch_indices(n_c, ben.batch_size, generator)):
+            part, factor = distributed.split(batch.numel())
+            chosen = credible[batch]
+            views = ben.views(data.images[chosen], generator, part)
+            targets = F.one_hot(data.labels[chosen[part]], ben.num_classes).float().repeat(len(views), 1)
+            images, targets, region = ben.mix(views, targets, own)
+            unlearned = torch.empty(0, dtype=torch.long, device=images.device)
+            if unlabelled is not None:
+                batch_s = next(unlabelled)
+                part_s, factor_s = distributed.split(batch_s.numel())
+                chosen_s = suspicious[batch_s]
+                views_s = ben.views(data.images[chosen_s], generator, part_s)
+                source = data.labels if relabel is None else relabel
+                unlearned = source[chosen_s[part_s]].repeat(len(views_s))
+                images = torch.cat([images, ben.runtime.layout(torch.cat(views_s))])
+            with ben.runtime.autocast():
+                logits = ben.network(images)
+            logits_c, logits_s = logits.split([targets.shape[0], unlearned.numel()])
+            loss_c = soft_cross_entropy(logits_c, targets)
+            loss = loss_c * factor
+            if unlearned.numel():
+                if relabel is None:
+                    loss_s = unlearning_loss(logits_s, unlearned)
+                else:
+                    loss_s = F.cross_entropy(logits_s.float(), unlearned)
+                loss = loss + weight * loss_s * factor_s
+                sums[2] += loss_s.detach()
+            ben.step(loss, lr(step / steps))
+            sums[0] += loss.detach()
+            sums[1] += loss_c.detach()
+            sums[3] += region
+            _advance(bar, step, sums[0])
+    means = (distributed.all_sum(sums) / (steps * distributed.world())).tolist()
+    return {
+        "loss": means[0],
+        "loss_mix": means[1],
+        "loss_unlearn": means[2] if n_s else None,
+        "mixed_region": means[3],
+    }
 
 
 def _seen_by_any_rank(weight: torch.Tensor, pseudo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,11 +3,11 @@
 The Beneficiary's architecture, optimiser (lr, momentum, weight decay), batch size and epoch budget come from the
 run's `train` section. Two ways of running it:
 
-- the default is built to keep the model close to undefended training at the budgets bdguard is run at: no
-  AttentionMix, the Beneficiary follows the run's own lr schedule and sees each credible sample once per epoch, it
-  takes back from the suspicious set, during the first fifth of the run, the samples it already classifies as
-  labelled, and the Victim is updated every `victim_every` epochs (docs/methods/vab.md gives each difference from
-  the reference and the measurement behind it);
+- the default is built to keep the model close to undefended training at the budgets bdguard is run at: the
+  Victim's flags count only inside the label(s) a check model finds attacked, no AttentionMix, the Beneficiary
+  follows the run's own lr schedule and sees each credible sample once per epoch, stage B unlearns the suspicious
+  samples' label instead of suppressing by the Victim's beliefs, and the Victim is updated every `victim_every`
+  epochs (docs/methods/vab.md gives each difference from the reference and the measurement behind it);
 - `preset=paper` is the reference code's method and schedule (V&B's own step schedule, two views, the Victim after
   every 5th epoch in stage A and every epoch in stage B of a 200-epoch run), rescaled to any `--epochs` by shares
   of the run (schedule.py).
@@ -36,6 +36,7 @@ REFERENCE = {
     "mix_share": 1.0,
     "split_rule": "global",
     "victim_min_steps": 0,
+    "stage_b": "suppress",
 }
 
 
@@ -148,6 +149,15 @@ class VabParams(VictimParams):
     alpha_switch: float = 0.75  # share of the run after which alpha2 replaces alpha1
     temperature: float = 3.0  # the Victim's logits are divided by this before the softmax of the suppression
     suppress_stage_a: bool = False  # suppress the credible targets by the Victim in stage A too (the reference: B only)
+    # stage B: semi-supervised with the Victim's beliefs suppressed (the reference); or C with its labels and the
+    # suspicious samples the label rule's check model puts in another class either unlearned (their given label
+    # pushed down) or relabelled (the check model's class learned); both only when the rule found an attacked label,
+    # else stage B is the reference's
+    stage_b: Literal["suppress", "unlearn", "relabel"] = "unlearn"
+    unlearn_weight: float = 1.0  # stage_b=unlearn or relabel: weight of the suspicious samples' loss
+    # ... on the suspicious samples the check model puts in another class: any (all) or any but the label's
+    # look-alike (diverse: a clean target-class image in S is most often disputed as its look-alike)
+    unlearn_among: Literal["all", "diverse"] = "all"
     # whose credible targets are suppressed: all labels (the reference), or only those the label rule found attacked
     # (all when it found none); measured worse on Blended (docs/methods/vab.md 4)
     suppress_labels: Literal["all", "attacked"] = "all"
@@ -178,6 +188,11 @@ class VabParams(VictimParams):
         check_range("vab.alpha_switch", self.alpha_switch, 0.0, 1.0)
         if not self.temperature > 0.0:
             raise BdguardError(f"vab.temperature must be > 0, got {self.temperature}")
+        if self.stage_b not in ("suppress", "unlearn", "relabel"):
+            raise BdguardError(f"vab.stage_b must be suppress, unlearn or relabel, got {self.stage_b!r}")
+        check_range("vab.unlearn_weight", self.unlearn_weight, 0.0)
+        if self.unlearn_among not in ("all", "diverse"):
+            raise BdguardError(f"vab.unlearn_among must be all or diverse, got {self.unlearn_among!r}")
         if self.suppress_labels not in ("all", "attacked"):
             raise BdguardError(f"vab.suppress_labels must be all or attacked, got {self.suppress_labels!r}")
         check_range("vab.mix_threshold", self.mix_threshold, 0.0, 1.0)

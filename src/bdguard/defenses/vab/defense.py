@@ -30,9 +30,10 @@ from bdguard.defenses.vab.beneficiary import (
     label_agreement,
     stage_a_epoch,
     stage_b_epoch,
+    unlearn_epoch,
 )
 from bdguard.defenses.vab.config import PRESETS, VabParams, VictimParams
-from bdguard.defenses.vab.labels import LabelGuard
+from bdguard.defenses.vab.labels import LabelGuard, disputed
 from bdguard.defenses.vab.report import plot_entropy_hist, split_metrics, stage_b_diagnostics, write_suspicious_csv
 from bdguard.defenses.vab.schedule import make_schedule, threshold
 from bdguard.defenses.vab.victim import EntropyDetector, entropy_scores, entropy_split, victim_epoch, victim_logits
@@ -53,8 +54,8 @@ class VabDefense(TrainingDefense):
     name = "vab"
     description = (
         "V&B (Zhu et al., ICCV 2023): a Victim learns the backdoor and flags low-entropy samples, kept only inside "
-        "the label(s) a check model finds attacked; the Beneficiary trains on the rest, then semi-supervised with "
-        "the Victim's beliefs suppressed (preset=paper: the reference method and schedule)"
+        "the label(s) a check model finds attacked; the Beneficiary trains on the rest, then unlearns the label of "
+        "the flagged samples the check model disputes (preset=paper: the reference method and schedule)"
     )
     Params = VabParams
     presets = {name: preset.params for name, preset in PRESETS.items()}
@@ -118,6 +119,7 @@ class _VabRun:
         self.suspicious = self.flagged  # the Beneficiary's split: the guarded one, less what `refine` took back
         self.taken_back = torch.zeros_like(self.flagged)  # what the last refinement took back from the flagged set
         self.victim_epochs = 0
+        self.warned_fallback = False
         self.epoch = 0  # the last finished Beneficiary epoch
         self.history: list[dict[str, Any]] = []  # one row per Beneficiary epoch
         self.rounds: list[dict[str, Any]] = []  # one row per scoring round
@@ -252,6 +254,19 @@ class _VabRun:
             return self.guard.attacked
         return None
 
+    def _unlearns(self) -> bool:
+        """Stage B unlearns or relabels (`stage_b`) only where the label rule found the attacked label(s): the
+        Victim's global split also holds whole easy clean classes, and no check model disputes a clean-label poison."""
+        if self.params.stage_b == "suppress":
+            return False
+        if bool(self.guard.attacked.any()):
+            return True
+        if not self.warned_fallback:
+            wanted = self.params.stage_b
+            log(f"V&B: no attacked label found; stage B suppresses as the reference does ({wanted} needs one)")
+            self.warned_fallback = True
+        return False
+
     def _epoch(self, epoch: int) -> None:
         train, schedule = self.job.train, self.schedule
         began = time.perf_counter()
@@ -269,6 +284,16 @@ class _VabRun:
             row.update(
                 stage_a_epoch(self.beneficiary, self.data, credible, generator, label, lr, beliefs, self._suppressed())
             )
+        elif self._unlearns():
+            row["alpha"] = None
+            predicted, labels = self.guard.predicted, self.data.labels
+            diverse = self.params.unlearn_among == "diverse"
+            classes = self.job.bundle.num_classes
+            contradicted = _indices(self.suspicious & disputed(labels, predicted, ~self.suspicious, classes, diverse))
+            relabel = predicted if self.params.stage_b == "relabel" else None
+            args = (self.data, credible, contradicted, self.params.unlearn_weight, generator, label, lr, relabel)
+            row.update(unlearn_epoch(self.beneficiary, *args))
+            row["unlearned"] = contradicted.numel()
         else:
             row["alpha"] = alpha = schedule.alpha(epoch, self.params)
             args = (self.data, credible, suspicious, alpha, generator, label, lr, self._suppressed())

@@ -152,6 +152,17 @@ def look_alikes(
     return confusion.argmax(dim=1)
 
 
+def disputed(
+    labels: torch.Tensor, predicted: torch.Tensor, credible: torch.Tensor, num_classes: int, diverse: bool
+) -> torch.Tensor:
+    """bool (N,): the samples the check model puts in another class than their label; with `diverse`, not those it
+    puts in their label's look-alike class (learned from the `credible` samples), which are mostly clean."""
+    mask = predicted != labels
+    if diverse:
+        mask &= predicted != look_alikes(labels, predicted, credible, num_classes)[labels]
+    return mask
+
+
 def label_split(
     flagged: torch.Tensor,
     labels: torch.Tensor,

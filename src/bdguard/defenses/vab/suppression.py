@@ -1,5 +1,5 @@
-"""Stage B's targets (docs/methods/vab.md 4): hard pseudo-labels from two views, and suppression by the Victim's
-beliefs."""
+"""Stage B's targets (docs/methods/vab.md 4): hard pseudo-labels from two views, suppression by the Victim's beliefs,
+and the unlearning loss of `stage_b=unlearn`."""
 
 from __future__ import annotations
 
@@ -36,3 +36,11 @@ def suppress(targets: torch.Tensor, beliefs: torch.Tensor) -> torch.Tensor:
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean over the batch of -sum_k targets_k log softmax(logits)_k; targets need not sum to 1."""
     return -(targets * F.log_softmax(logits.float(), dim=1)).sum(dim=1).mean()
+
+
+def unlearning_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of -log(1 - softmax(logits)_label): pushes the given label down, bounded below by 0 (unlike
+    gradient ascent on the cross-entropy, it stops pulling once the label is unlikely and never diverges)."""
+    logits = logits.float()
+    others = logits.scatter(1, labels[:, None], float("-inf"))
+    return (torch.logsumexp(logits, dim=1) - torch.logsumexp(others, dim=1)).mean()
