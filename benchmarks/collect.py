@@ -44,13 +44,21 @@ def curve_asr(folder: Path, before_ba: float, max_drop: float) -> str:
     return share(min(within)) if within else "—"
 
 
+def own(results: dict) -> dict:
+    """The defense's own block of results.json (under its name): trigger and k of a pruning, V&B's stage seconds."""
+    return results.get(results["defense"]) or {}
+
+
 def prune_row(folder: Path, results: dict) -> str:
     before = results["before"]
+    block = own(results)
+    # CLP and Neural Cleanse rank no channels (Neural Cleanse's `trigger` is the trigger it reversed): no trigger, k
+    ranked = block if "k" in block else {}
     cells = [
         folder.name,
         results["defense"],
-        str(results.get("trigger") or "—"),
-        str(results.get("k", "—")),
+        str(ranked.get("trigger") or "—"),
+        str(ranked.get("k", "—")),
         f"{share(before['ba'])} → {share(results['ba'])}",
         f"{share(before['asr'])} → {share(results['asr'])}",
         share(results["ra"]),
@@ -68,7 +76,7 @@ def ratio_row(name: str, results: dict, undefended: dict | None) -> str:
     """A V&B ablation row: BA/ASR, the split's detection figures, seconds, their ratio to the undefended run of the
     same folder, and V&B's seconds by stage."""
     detector = results.get("detector") or {}
-    stages = results.get("seconds_by_stage") or {}
+    stages = own(results).get("seconds_by_stage") or {}
     ratio = "—" if undefended is None else f"{results['seconds'] / undefended['seconds']:.2f}"
     cells = [
         name,

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from bdguard.reporting.gallery import new_figure, write_figure
+from bdguard.plotting import new_figure, write_figure
 
 
 def main() -> None:
@@ -34,6 +34,8 @@ def main() -> None:
         fractions = [100 * p["fraction"] for p in points]
         ba_axes.plot(fractions, [100 * p["ba"] for p in points], label=label)
         asr_axes.plot(fractions, [100 * p["asr"] for p in points], label=label)
+    if not asr_axes.lines:  # an empty figure would hide that nothing was read (a wrong ATTACK, a renamed field)
+        raise SystemExit(f"no pruning curves of {args.attack} in {args.folder}")
     for axes, name in ((ba_axes, "BA %"), (asr_axes, "ASR %")):
         axes.set_xlabel("feature channels pruned (%)")
         axes.set_ylabel(name)

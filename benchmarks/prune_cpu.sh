@@ -5,25 +5,46 @@
 #                 net at width 2 (32-96-192-128-128), BadNets 4x4 white square at rows/cols 27-30, target 33, 10 %,
 #                 trained first into runs/gtsrb-cpu/badnets-none.
 # Usage: benchmarks/prune_cpu.sh cifar ATTACK | gtsrb [THREADS]. A finished run (results.json present) is skipped.
+# RUNS (default runs) is the folder both read from and written to.
+# SMOKE=1 (the check in tests/test_benchmarks.py): the same steps on the synthetic set (cifar: the model of
+# `SMOKE=1 OUT=$RUNS/cifar-cpu cifar_cpu.sh attacks`; gtsrb: target 0 of its 10 classes, 1 epoch), a probe of 200 of
+# its 500 test images (the default probe would take them all), trigger reverse-engineering in 30 steps instead of 300,
+# one thread unless THREADS is given.
 set -euo pipefail
 SETTING=${1:?usage: prune_cpu.sh cifar ATTACK | gtsrb [THREADS]}
+RUNS=${RUNS:-runs}
+if [[ ${SMOKE:-} == 1 ]]; then
+    DEFAULT_THREADS=1
+    CIFAR_DATA=(--dataset synthetic)
+    GTSRB_DATA=(--dataset synthetic)
+    GTSRB_TARGET=0 GTSRB_EPOCHS=1
+    PROBE=(--probe-size 200)
+    declare -A QUICK=([linf-prune]="--set nc_steps=30" [neural-cleanse]="--set steps=30")
+else
+    DEFAULT_THREADS=0
+    CIFAR_DATA=(--dataset cifar10 --data-root "${CIFAR:-../shared/data/cifar10-jpeg.tar.xz}")
+    GTSRB_DATA=(--dataset gtsrb --data-root "${GTSRB:-../shared/data/gtsrb.tar.xz}")
+    GTSRB_TARGET=33 GTSRB_EPOCHS=4
+    PROBE=()
+    declare -A QUICK=()
+fi
 if [[ $SETTING == cifar ]]; then
     ATTACK=${2:?usage: prune_cpu.sh cifar ATTACK [THREADS]}
-    THREADS=${3:-0}
-    DATA=(--dataset cifar10 --data-root "${CIFAR:-../shared/data/cifar10-jpeg.tar.xz}")
-    MODEL=runs/cifar-cpu/$ATTACK-none/model.safetensors
-    OUT=runs/cifar-cpu-prune
+    THREADS=${3:-$DEFAULT_THREADS}
+    DATA=("${CIFAR_DATA[@]}")
+    MODEL=$RUNS/cifar-cpu/$ATTACK-none/model.safetensors
+    OUT=$RUNS/cifar-cpu-prune
 elif [[ $SETTING == gtsrb ]]; then
     ATTACK=badnets
-    THREADS=${2:-0}
-    DATA=(--dataset gtsrb --data-root "${GTSRB:-../shared/data/gtsrb.tar.xz}")
-    MODEL=runs/gtsrb-cpu/badnets-none/model.safetensors
-    OUT=runs/gtsrb-cpu-prune
-    if [[ ! -f runs/gtsrb-cpu/badnets-none/results.json ]]; then
+    THREADS=${2:-$DEFAULT_THREADS}
+    DATA=("${GTSRB_DATA[@]}")
+    MODEL=$RUNS/gtsrb-cpu/badnets-none/model.safetensors
+    OUT=$RUNS/gtsrb-cpu-prune
+    if [[ ! -f $RUNS/gtsrb-cpu/badnets-none/results.json ]]; then
         /usr/bin/time -f "gtsrb badnets-none wall %e s" bdguard train "${DATA[@]}" --model alexnet \
-            --set train.model_kwargs.width=2 --epochs 4 --lr 0.05 --schedule onecycle --threads "$THREADS" \
-            --attack badnets --target 33 --rate 0.1 --set patch_size=4 --set pattern=white --set margin=1 \
-            --quiet --out runs/gtsrb-cpu/badnets-none --resume
+            --set train.model_kwargs.width=2 --epochs "$GTSRB_EPOCHS" --lr 0.05 --schedule onecycle \
+            --threads "$THREADS" --attack badnets --target "$GTSRB_TARGET" --rate 0.1 --set patch_size=4 \
+            --set pattern=white --set margin=1 --quiet --out "$RUNS/gtsrb-cpu/badnets-none" --resume
     fi
 else
     echo "unknown setting $SETTING (cifar or gtsrb)" >&2
@@ -39,6 +60,8 @@ for spec in "linf-prune-oracle linf-prune trigger=oracle" "l2-prune-oracle l2-pr
         echo "skip $ATTACK-$name (finished)"
         continue
     fi
+    # shellcheck disable=SC2086  # QUICK's flags are words
     /usr/bin/time -f "$ATTACK-$name wall %e s" bdguard prune --model "$MODEL" "${DATA[@]}" --defense "$defense" \
-        ${setting:+--set "$setting"} --threads "$THREADS" --quiet --out "$OUT/$ATTACK-$name"
+        ${setting:+--set "$setting"} ${QUICK[$defense]:-} "${PROBE[@]}" --threads "$THREADS" --quiet \
+        --out "$OUT/$ATTACK-$name"
 done

@@ -3,16 +3,28 @@
 # processes and as Ray tasks on a 2-CPU local Ray (the same tables each time), and an epoch of plain training and of
 # V&B on 20,000 Fashion-MNIST images in one process (2 threads) against two torchrun ranks (1 thread each). Run from
 # the repository root with bdguard[dev] installed, on an otherwise idle machine; it prints `real` times and BA/ASR.
+# SMOKE=1 (the check in tests/test_benchmarks.py): the same seven commands on their smallest meaningful piece, not
+# the figures: the suite cut to one undefended BadNets cell and one spectral detection (which waits for the cell's
+# model, so each executor still orders steps), one thread; the trainings on the synthetic set, 1 epoch, one thread
+# in one process.
 set -euo pipefail
 OUT=${OUT:-runs/scale-out}
+if [[ ${SMOKE:-} == 1 ]]; then
+    SUITE=(--suite smoke --attacks badnets --defenses none --detectors spectral --threads 1)
+    RUN="train --dataset synthetic --attack badnets --rate 0.1 --model small-cnn --epochs 1"
+    ONE_PROCESS_THREADS=1
+else
+    SUITE=(--suite smoke)
+    RUN="train --dataset fashion-mnist --train-size 20000 --attack badnets --rate 0.1 --model small-cnn --epochs 2"
+    ONE_PROCESS_THREADS=2
+fi
 rm -rf "$OUT"
-time bdguard bench --suite smoke --out "$OUT/smoke-serial" --quiet
-time bdguard bench --suite smoke --executor local --workers 2 --out "$OUT/smoke-local2" --quiet
-time bdguard bench --suite smoke --executor ray --workers 2 --out "$OUT/smoke-ray2" --quiet
+time bdguard bench "${SUITE[@]}" --out "$OUT/smoke-serial" --quiet
+time bdguard bench "${SUITE[@]}" --executor local --workers 2 --out "$OUT/smoke-local2" --quiet
+time bdguard bench "${SUITE[@]}" --executor ray --workers 2 --out "$OUT/smoke-ray2" --quiet
 
-RUN="train --dataset fashion-mnist --train-size 20000 --attack badnets --rate 0.1 --model small-cnn --epochs 2"
 RUN="$RUN --batch-size 128 --lr 0.05 --schedule onecycle --quiet"
-time bdguard $RUN --threads 2 --out "$OUT/none-1proc"
+time bdguard $RUN --threads "$ONE_PROCESS_THREADS" --out "$OUT/none-1proc"
 time torchrun --standalone --nproc-per-node 2 -m bdguard $RUN --threads 1 --out "$OUT/none-2ranks"
-time bdguard $RUN --defense vab --threads 2 --out "$OUT/vab-1proc"
+time bdguard $RUN --defense vab --threads "$ONE_PROCESS_THREADS" --out "$OUT/vab-1proc"
 time torchrun --standalone --nproc-per-node 2 -m bdguard $RUN --defense vab --threads 1 --out "$OUT/vab-2ranks"

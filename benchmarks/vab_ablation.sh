@@ -12,11 +12,13 @@
 #   VARIANT: a name below; `all` runs every one in order.
 # Each run lands in $OUT/SETTING-ATTACK/VARIANT (default OUT=runs/vab-ablation), resumes from its checkpoint and is
 # skipped once finished; `python benchmarks/collect.py --ratio $OUT/SETTING-ATTACK` prints the table.
+# THREADS: torch threads (default 0, torch's choice).
+# SMOKE=1 (the check in tests/test_benchmarks.py): the variants on the synthetic set with the small CNN, 1 epoch, one
+# thread unless THREADS is given; SETTING still names the folder.
 set -euo pipefail
 SETTING=${1:?usage: vab_ablation.sh fmnist|cifar ATTACK VARIANT...}
 ATTACK=${2:?usage: vab_ablation.sh fmnist|cifar ATTACK VARIANT...}
 shift 2
-THREADS=${THREADS:-0}
 OUT=${OUT:-runs/vab-ablation}
 case $SETTING in
 fmnist)
@@ -29,12 +31,16 @@ cifar)
     ;;
 *) echo "unknown setting $SETTING" >&2; exit 2 ;;
 esac
+if [[ ${SMOKE:-} == 1 ]]; then
+    COMMON=(--dataset synthetic --model small-cnn --epochs 1 --lr 0.05 --schedule onecycle)
+    THREADS=${THREADS:-1}
+fi
 case $ATTACK in
 sig) POISON=(--attack sig --rate "${SIG_RATE:-0.5}") ;;
 *) POISON=(--attack "$ATTACK" --rate "${RATE:-0.1}") ;;
 esac
 SEED=${SEED:-0}
-COMMON+=("${POISON[@]}" --target 0 --seed "$SEED" --attack-seed "$SEED" --threads "$THREADS" --quiet)
+COMMON+=("${POISON[@]}" --target 0 --seed "$SEED" --attack-seed "$SEED" --threads "${THREADS:-0}" --quiet)
 CELL=$SETTING-$ATTACK${RATE:+-r$RATE}
 [[ $SEED == 0 ]] || CELL+=-s$SEED
 
@@ -45,7 +51,8 @@ CELL=$SETTING-$ATTACK${RATE:+-r$RATE}
 # the run, on the Victim's global split; the 10-epoch `mix` and `half-mix` rows of RESULTS were run on top of it).
 # "global" is the default without the label rule, "round-two" the default of the round before it (the global split,
 # refined during the first fifth of the run); "suppress" is round three's default (the reference's stage B), and the
-# label-rule rows measured in round three keep it.
+# label-rule rows measured in round three keep it; "holds" lets the check model's agreement keep a sample of the
+# attacked label credible (round five).
 declare -A VARIANTS=(
     [none]="--defense none"
     [paper]="--defense vab --set vab.preset=cpu"
@@ -68,10 +75,11 @@ declare -A VARIANTS=(
     [refine-suppress-a]="--defense vab --set vab.split_rule=global --set vab.refine=true --set vab.refine_until=1 --set vab.suppress_stage_a=true"
     [relabel]="--defense vab --set vab.stage_b=relabel"
     [unlearn-diverse]="--defense vab --set vab.unlearn_among=diverse"
+    [holds]="--defense vab --set vab.check_holds=true"
     [two-views]="--defense vab --set vab.views=2"
     [vab-schedule]="--defense vab --set vab.lr_schedule=vab"
 )
-ORDER=(none paper default global round-two no-check-flags all-check-flags otsu suppress suppress-attacked relabel unlearn-diverse filter filter-mix filter-mix-b refine label-gate mix half-mix no-stage-b refine-suppress-a two-views vab-schedule)
+ORDER=(none paper default global round-two no-check-flags all-check-flags otsu suppress suppress-attacked relabel unlearn-diverse holds filter filter-mix filter-mix-b refine label-gate mix half-mix no-stage-b refine-suppress-a two-views vab-schedule)
 
 EXTRA=()
 NAMES=()

@@ -19,7 +19,7 @@ from bdguard.defenses.abl import (
     isolate,
     isolation_config,
     lga_loss,
-    make_schedule,
+    make_abl_schedule,
     sample_losses,
     train_isolation_model,
 )
@@ -182,13 +182,14 @@ def test_bad_settings_are_refused(params):
 
 def test_the_stages_share_the_run_budget():
     params = AblParams()  # the paper's T_te = 20 of T = 100, BackdoorBench's 60 training and 20 unlearning epochs
-    assert make_schedule(100, params) == make_schedule(100, AblParams(isolation_epochs=20, unlearning_epochs=20))
+    explicit = AblParams(isolation_epochs=20, unlearning_epochs=20)
+    assert make_abl_schedule(100, params) == make_abl_schedule(100, explicit)
     for epochs in (3, 4, 10, 17, 30, 100):
-        schedule = make_schedule(epochs, params)
+        schedule = make_abl_schedule(epochs, params)
         assert schedule.isolation + schedule.training + schedule.unlearning == epochs
         assert min(schedule.isolation, schedule.training, schedule.unlearning) >= 1
-    assert make_schedule(10, AblParams(unlearning_share=0.0)).unlearning == 0
+    assert make_abl_schedule(10, AblParams(unlearning_share=0.0)).unlearning == 0
     with pytest.raises(BdguardError, match="at least 3 epochs"):
-        make_schedule(2, params)
+        make_abl_schedule(2, params)
     with pytest.raises(BdguardError, match="isolation ratio"):
         isolate(torch.zeros(10), 1.0)

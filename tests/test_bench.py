@@ -19,7 +19,7 @@ from bdguard.attacks import AttackConfig, build_attack
 from bdguard.attacks.store import load_poisoned, poison_key, store_poisoned
 from bdguard.bench import load_suite
 from bdguard.bench.grid import plan
-from bdguard.bench.results import TIMING, read_csv, summarise
+from bdguard.bench.results import TIMING, read_csv, summarise_seeds
 from bdguard.config import load_file
 from bdguard.data import DataConfig, load_dataset
 from bdguard.io import read_json
@@ -202,7 +202,9 @@ def test_the_report_is_one_self_contained_page_that_renders(smoke_bench, tmp_pat
     assert 'id="matrix-1"' in page and 'id="matrix-2"' in page and page.count("<details") == 13
     assert "<script" not in page and 'src="http' not in page and 'href="http' not in page  # nothing from a network
     assert page.count('src="data:image/png;base64,') >= 8 * 3 + 2  # per cell: curves and analysis; galleries
-    texts = ("badnets", "fine-pruning", "bdguard repair --model", "torch ", "Trigger galleries", "V&amp;B detector")
+    # each detecting defense's detector figure, from what it returned (V&B's rounds and ROC, ABL's ROC)
+    detectors = ("vab&#x27;s detector: TPR", "abl&#x27;s detector: TPR")
+    texts = ("badnets", "fine-pruning", "bdguard repair --model", "torch ", "Trigger galleries", *detectors)
     for text in (*texts, "Poisoned-sample detection", "activation-clustering"):
         assert text in page, text
 
@@ -289,7 +291,7 @@ def test_summary_is_mean_and_sample_std_over_seeds():
         {key: row.get(key) for key in (*row, "ra", "ba_before", "asr_before", "fpr", "auroc", "pruned_fraction")}
         for row in rows
     ]
-    (entry,) = summarise(rows)
+    (entry,) = summarise_seeds(rows)
     assert entry["seeds"] == 2 and entry["ba_mean"] == pytest.approx(0.6)
     assert entry["ba_std"] == pytest.approx(0.1414, abs=1e-4) and entry["asr_std"] == pytest.approx(0.1414, abs=1e-4)
     assert entry["tpr_mean"] is None and entry["tpr_std"] is None

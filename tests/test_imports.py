@@ -51,9 +51,12 @@ def test_a_new_file_in_a_registry_package_registers_itself(tmp_path, monkeypatch
     assert plugins.THINGS.names() == ["newcomer"] and plugins.THINGS.get("newcomer").__name__ == "Newcomer"
 
 
-# docs/design.md's layout, bottom up: a package may import only packages of its own layer or below
+# docs/design.md's layout, bottom up: a package may import only packages of its own layer or below; the ground floor's
+# modules are layered too (errors first: everything may raise a BdguardError)
 LAYERS = [
-    {"errors", "config", "io", "registry", "progress", "hashing", "plotting", "stats", "distributed"},
+    {"errors", "stats"},
+    {"config", "io", "registry", "distributed"},
+    {"hashing", "progress", "plotting", "results"},
     {"data"},
     {"models"},
     {"training"},
@@ -100,3 +103,15 @@ def test_the_layer_check_sees_every_form_of_import():
     forms = ["from bdguard.cli import main", "from bdguard import cli", "import bdguard.cli.main as m"]
     assert [_bdguard_packages(ast.parse(text).body[0]) for text in forms] == [["cli"], ["cli"], ["cli"]]
     assert _bdguard_packages(ast.parse("from bdguard import __version__").body[0]) == []
+
+
+def test_no_two_public_functions_or_classes_share_a_name():
+    """A name says what a thing does: two public `collect`s or `stamp`s in two modules are one concept written twice
+    or two concepts named alike."""
+    root = Path(bdguard.__file__).parent
+    homes: dict[str, list[str]] = {}
+    for path in root.rglob("*.py"):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+                homes.setdefault(node.name, []).append(str(path.relative_to(root)))
+    assert not {name: where for name, where in homes.items() if len(where) > 1}

@@ -93,10 +93,11 @@ def test_damaged_records_cost_their_own_row_or_figure_only(tmp_path, capsys):
     rows = [{"epoch": 1, "ba": 0.5, "asr": 0.9}, {"epoch": 2, "ba": 0.7, "asr": "high"}]
     lines = [json.dumps(row).encode() for row in rows] + [b"{not json", b"\xff\xfe\n", b"[1, 2]"]
     (a / "metrics.jsonl").write_bytes(b"\n".join(lines))
-    b = _run_folder(bench / "cells" / "b", {**RESULTS, "before": [1], "detector": "x"})
+    plots = {"series": {"victim_asr": 3}, "rounds": "detector.jsonl", "scores": "scores.csv"}
+    b = _run_folder(bench / "cells" / "b", {**RESULTS, "before": [1], "detector": "x", "plots": plots})
     (b / "cell.json").write_text("[]")
     (b / "detector.jsonl").write_text('{"round": "one"}\n{"round": 1, "tpr": 0.5}\n')
-    (b / "suspicious.csv").write_text("index,entropy\n0,oops\n")
+    (b / "scores.csv").write_text("index,label,score,flagged\n0,0,oops,yes\n")
     np.save(b / "poison_mask.npy", np.array([True]))
     _run_folder(tmp_path / "outside")
     out = tmp_path / "r.html"
@@ -107,7 +108,7 @@ def test_damaged_records_cost_their_own_row_or_figure_only(tmp_path, capsys):
     page = out.read_text()
     assert page.count('<details id="cell-') == 2  # cells a and b, not the one outside
     assert "training: BA, ASR and RA after every epoch" in page  # the sound rows of metrics.jsonl are drawn
-    assert "V&amp;B detector" in page
+    assert "detector: TPR, FPR, AUROC per scoring round" in page  # the sound round, without the unreadable ROC
 
 
 def test_a_detect_folder_is_reported(tmp_path, capsys):
@@ -121,3 +122,40 @@ def test_a_detect_folder_is_reported(tmp_path, capsys):
     page = out.read_text()
     assert "Poisoned-sample detection" in page and "0.875" in page and "TPR 96.0%" in page
     assert base64.b64encode((run / "score_hist.png").read_bytes()).decode() in page
+
+
+def test_a_new_detecting_defense_gets_its_roc_curve_and_series_without_naming_vab(tmp_path, capsys, monkeypatch):
+    """What the report draws comes from what a defense returns (DefenseResult: scores, flags, series), so a defense
+    written tomorrow gets its ROC curve and its own per-epoch line with no edit to the report."""
+    from bdguard.defenses.base import DefenseResult, TrainingDefense
+    from bdguard.defenses.registry import DEFENSES
+
+    class Oracle(TrainingDefense):  # scores every sample by the ground truth: an ROC curve with AUROC 1
+        name = "throwaway-oracle"
+
+        def train(self, job):
+            model = job.new_model()
+            (job.run_dir / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "ba": 0.5, "calm": 0.25}) + "\n")
+            truth = job.poisoned.poison_mask
+            return DefenseResult(model, scores=truth.float(), flagged=truth, series={"calm": "calmness"})
+
+    monkeypatch.setitem(DEFENSES._items, Oracle.name, Oracle)
+    run = tmp_path / "run"
+    argv = ["train", "--dataset", "synthetic", "--arch", "small-cnn", "--attack", "badnets", "--quiet"]
+    code, _, err = run_cli(capsys, *argv, "--defense", Oracle.name, "--out", str(run))
+    assert code == 0, err
+    results = json.loads((run / "results.json").read_text())
+    assert results["plots"] == {"series": {"calm": "calmness"}, "rounds": None, "scores": "scores.csv"}
+    rows = (run / "scores.csv").read_text().splitlines()
+    truth = np.load(run / "poison_mask.npy")
+    assert rows[0] == "index,label,score,flagged" and len(rows) == truth.size + 1
+    assert [row.endswith(",yes") for row in rows[1:]] == truth.tolist()
+    out = tmp_path / "r.html"
+    code, _, err = run_cli(capsys, "report", str(run), "--out", str(out))
+    assert code == 0, err
+    page = out.read_text()
+    assert "throwaway-oracle&#x27;s detector" in page or "throwaway-oracle's detector" in page
+    # the figure is drawn from scores.csv: without it (or its ground truth) there is none
+    (run / "scores.csv").unlink()
+    code, _, err = run_cli(capsys, "report", str(run), "--out", str(out))
+    assert code == 0 and "s detector: TPR" not in out.read_text(), err

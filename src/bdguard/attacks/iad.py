@@ -53,7 +53,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from bdguard.attacks.base import Attack, AttackContext
-from bdguard.attacks.pixels import truncate_to_uint8
+from bdguard.attacks.pixels import mask_blend, truncate_to_uint8
 from bdguard.attacks.registry import ATTACKS
 from bdguard.config import check_range
 from bdguard.data.augment import to_float
@@ -171,11 +171,6 @@ class IADGenerator(nn.Module):
         return (1 + torch.tanh(20 * self._run(self.mask_net, x) - 10)) / 2
 
 
-def blend(x: torch.Tensor, pattern: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """x + m (g - x): the triggered image, on the scale of `x` and `pattern`."""
-    return x + mask * (pattern - x)
-
-
 @torch.no_grad()
 def trigger(generator: IADGenerator, images: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
     """uint8 `images` with the pattern and mask generated from `sources` (the images themselves for a backdoor,
@@ -185,7 +180,7 @@ def trigger(generator: IADGenerator, images: torch.Tensor, sources: torch.Tensor
     for start in range(0, images.shape[0], CHUNK):
         x = images[start : start + CHUNK].to(device).float()
         source = to_float(sources[start : start + CHUNK].to(device))
-        triggered = blend(x, generator.pattern(source) * 255, generator.mask(source))
+        triggered = mask_blend(x, generator.mask(source), generator.pattern(source) * 255)
         out[start : start + CHUNK] = truncate_to_uint8(triggered).to(images.device)
     return out
 
@@ -265,7 +260,7 @@ def train_generator(
                 patterns = generator.pattern(sources)
                 with torch.no_grad():
                     masks = generator.mask(sources)
-                inputs = torch.cat((blend(x[:k], patterns, masks), x[k:]))
+                inputs = torch.cat((mask_blend(x[:k], masks, patterns), x[k:]))
                 targets = torch.cat((attack.target_labels(y[:n_bd]), y[n_bd:]))
                 with autocast(device, config.amp):
                     logits = classifier(inputs)

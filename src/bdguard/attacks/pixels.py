@@ -18,6 +18,12 @@ def truncate_to_uint8(values: torch.Tensor) -> torch.Tensor:
     return values.clamp(0, 255).to(torch.uint8)
 
 
+def mask_blend(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
+    """x + m (p - x) = (1 - m) x + m p on float images: a pattern laid over `x` where the mask is on (IAD's trigger,
+    Neural Cleanse's reverse-engineered one); mask and pattern broadcast against `x`."""
+    return x + mask * (pattern - x)
+
+
 def blend(images: torch.Tensor, trigger: torch.Tensor, alpha: float) -> torch.Tensor:
     """trunc(x + alpha * (t - x)) with PIL `Image.blend`'s float32 arithmetic; `trigger` broadcasts over `images`."""
     x = images.float()

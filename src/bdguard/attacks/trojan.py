@@ -76,7 +76,7 @@ def select_neurons(model: BackdoorModel, count: int) -> list[int]:
     return model.head_weight().detach().abs().sum(0).topk(count).indices.tolist()
 
 
-def stamp(images: torch.Tensor, patch: torch.Tensor, row: int, col: int) -> torch.Tensor:
+def paste_patch(images: torch.Tensor, patch: torch.Tensor, row: int, col: int) -> torch.Tensor:
     """Float images with `patch` written at (row, col); differentiable in `patch`."""
     out = images.clone()
     out[:, :, row : row + patch.shape[1], col : col + patch.shape[2]] = patch
@@ -103,7 +103,7 @@ def optimise_trigger(
     optimiser = torch.optim.Adam([patch], lr=lr)
     with progress_bar("trojan trigger", steps, quiet) as bar:
         for _ in range(steps):
-            loss = -activation(model, stamp(images, patch, *origin), channels)
+            loss = -activation(model, paste_patch(images, patch, *origin), channels)
             # the gradient of the patch only: the model's parameters collect no .grad
             (patch.grad,) = torch.autograd.grad(loss, patch)
             optimiser.step()
@@ -156,8 +156,8 @@ class Trojan(Attack):
             with torch.no_grad():
                 means = {
                     "clean": activation(model, x, channels),
-                    "initial_trigger": activation(model, stamp(x, init.to(device), *self.origin), channels),
-                    "optimised_trigger": activation(model, stamp(x, to_float(patch), *self.origin), channels),
+                    "initial_trigger": activation(model, paste_patch(x, init.to(device), *self.origin), channels),
+                    "optimised_trigger": activation(model, paste_patch(x, to_float(patch), *self.origin), channels),
                 }
             details = {"neurons": channels, "activation": {k: float(v) for k, v in means.items()}}
             _save_trigger(path, patch.cpu(), details)

@@ -20,6 +20,7 @@ from bdguard.bench.results import cell_row, detection_row
 from bdguard.config import to_dict
 from bdguard.errors import BdguardError
 from bdguard.io import read_json, write_json, write_text
+from bdguard.results import DetectionResult, RunResult
 from bdguard.runs.common import MODEL, RESULTS, environment
 from bdguard.runs.detect import run_detect
 from bdguard.runs.poison import run_poison
@@ -71,10 +72,12 @@ def execute(step: Step, out: Path, quiet: bool) -> tuple[bool, str]:
         "environment": environment(),
     }
     folder = relative(step.folder, out)
+    where = str(step.folder / RESULTS)
     if step.is_cell:
-        record["row"] = cell_row(step.attack, step.defense, step.seed, results, folder)
+        record["row"] = cell_row(step.attack, step.defense, step.seed, RunResult.from_json(results, where), folder)
     elif step.kind == "detect":
-        record["row"] = detection_row(step.attack, step.defense, step.seed, results, folder)
+        detection = DetectionResult.from_json(results, where)
+        record["row"] = detection_row(step.attack, step.defense, step.seed, detection, folder)
     write_json(step.folder / DONE, record)
     return True, _message(step, results)
 

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from bdguard.io import write_text
+from bdguard.results import DetectionResult, RunResult, Scores
 from bdguard.stats import mean_std
 
 COLUMNS = (
@@ -47,31 +48,30 @@ TIMING = ("seconds",)  # the columns that differ between two runs of the same gr
 SUMMARISED = ("ba", "asr", "ra", "ba_before", "asr_before", "tpr", "fpr", "auroc", "pruned_fraction", "seconds")
 
 
-def cell_row(attack: str, defense: str, seed: int, results: dict[str, Any], folder: str) -> dict:
+def cell_row(attack: str, defense: str, seed: int, result: RunResult, folder: str) -> dict:
     """The table's row of a finished cell, from its run's results.json."""
-    before = results.get("before") or {}
-    detector = results.get("detector") or {}
+    before = result.before or Scores()
     row = dict.fromkeys(COLUMNS)
     row.update(
         attack=attack,
         defense=defense,
         seed=seed,
         status="done",
-        ba=results.get("ba"),
-        asr=results.get("asr"),
-        ra=results.get("ra"),
-        ba_before=before.get("ba"),
-        asr_before=before.get("asr"),
-        ra_before=before.get("ra"),
-        tpr=detector.get("tpr"),
-        fpr=detector.get("fpr"),
-        auroc=detector.get("auroc"),
-        backdoor_flagged=results.get("backdoor_flagged"),
-        pruned_fraction=results.get("pruned_fraction"),
-        dataset=results.get("dataset"),
-        model=results.get("model"),
-        epochs=results.get("epochs"),
-        seconds=results["seconds"],
+        ba=result.scores.ba,
+        asr=result.scores.asr,
+        ra=result.scores.ra,
+        ba_before=before.ba,
+        asr_before=before.asr,
+        ra_before=before.ra,
+        tpr=result.detector_value("tpr"),
+        fpr=result.detector_value("fpr"),
+        auroc=result.detector_value("auroc"),
+        backdoor_flagged=result.backdoor_flagged,
+        pruned_fraction=result.pruned_fraction,
+        dataset=result.dataset,
+        model=result.model,
+        epochs=result.epochs,
+        seconds=result.seconds,
         folder=folder,
     )
     return row
@@ -96,20 +96,19 @@ DETECTION_COLUMNS = (
 )
 
 
-def detection_row(attack: str, detector: str, seed: int, results: dict[str, Any], folder: str) -> dict:
+def detection_row(attack: str, detector: str, seed: int, result: DetectionResult, folder: str) -> dict:
     """The detection table's row of a finished detection, from its results.json."""
-    metrics = results.get("metrics") or {}
     row = dict.fromkeys(DETECTION_COLUMNS)
-    row.update({key: metrics.get(key) for key in ("auroc", "auprc", "tpr", "fpr", "precision")})
+    row.update({key: result.metric(key) for key in ("auroc", "auprc", "tpr", "fpr", "precision")})
     row.update(
         attack=attack,
         detector=detector,
         seed=seed,
         status="done",
-        flagged=results["flagged"],
-        poisoned=results.get("poisoned"),
-        samples=results["samples"],
-        seconds=results["seconds"],
+        flagged=result.flagged,
+        poisoned=result.poisoned,
+        samples=result.samples,
+        seconds=result.seconds,
         folder=folder,
     )
     return row
@@ -122,7 +121,7 @@ def failed_row(columns: Iterable[str], folder: str, error: str, **keys: Any) -> 
     return row
 
 
-def summarise(rows: Iterable[dict]) -> list[dict]:
+def summarise_seeds(rows: Iterable[dict]) -> list[dict]:
     """Per (attack, defense), over its finished seeds: `<metric>_mean` and `<metric>_std` (the sample standard
     deviation; None for a single seed) of every metric in SUMMARISED, and `seeds`, how many there were."""
     groups: dict[tuple[str, str], list[dict]] = {}

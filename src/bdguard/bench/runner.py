@@ -16,7 +16,7 @@ from bdguard.bench.config import BenchConfig
 from bdguard.bench.execute import ERROR, finished, relative, write_settings
 from bdguard.bench.executors import ExecutorConfig, run_steps
 from bdguard.bench.grid import DONE, Step, cell_order, plan
-from bdguard.bench.results import COLUMNS, DETECTION_COLUMNS, failed_row, summarise, write_csv
+from bdguard.bench.results import COLUMNS, DETECTION_COLUMNS, failed_row, summarise_seeds, write_csv
 from bdguard.config import to_dict
 from bdguard.data import load_dataset
 from bdguard.errors import BdguardError
@@ -54,7 +54,7 @@ def preflight(config: BenchConfig) -> None:
         raise BdguardError(f"probe.size {size} leaves no test images to evaluate on ({bundle.name} has {test})")
 
 
-def collect(config: BenchConfig, steps: list[Step], out: Path, kind: str = "cell") -> list[dict]:
+def collect_rows(config: BenchConfig, steps: list[Step], out: Path, kind: str = "cell") -> list[dict]:
     """The rows of the cells (or, with kind="detect", the detections) finished or failed so far, in the grid's
     order."""
     rows = []
@@ -76,9 +76,9 @@ def collect(config: BenchConfig, steps: list[Step], out: Path, kind: str = "cell
 
 def write_results(config: BenchConfig, steps: list[Step], out: Path) -> dict[str, Any]:
     """results.csv, summary.csv and results.json from the cells' folders (rewritten whole after every cell)."""
-    rows = collect(config, steps, out)
-    detections = collect(config, steps, out, kind="detect")
-    summary = summarise(rows)
+    rows = collect_rows(config, steps, out)
+    detections = collect_rows(config, steps, out, kind="detect")
+    summary = summarise_seeds(rows)
     write_csv(out / "results.csv", rows, COLUMNS)
     if config.detectors:
         write_csv(out / "detections.csv", detections, DETECTION_COLUMNS)

@@ -206,7 +206,7 @@ class AblSchedule:
         return sum(self.epochs(s) for s in STAGES[: STAGES.index(stage)])
 
 
-def make_schedule(epochs: int, params: AblParams) -> AblSchedule:
+def make_abl_schedule(epochs: int, params: AblParams) -> AblSchedule:
     isolation = params.isolation_epochs_of(epochs)
     if params.unlearning_epochs is not None:
         unlearning = params.unlearning_epochs
@@ -241,7 +241,7 @@ class _AblRun:
     def __init__(self, job: TrainingJob, params: AblParams) -> None:
         self.job, self.params = job, params
         self.data = job.poisoned.train
-        self.schedule = make_schedule(job.train.epochs, params)
+        self.schedule = make_abl_schedule(job.train.epochs, params)
         self.model = job.new_model()
         self.stage = STAGES[0]
         self.epoch = 0  # the last finished epoch of `stage`
@@ -356,7 +356,8 @@ class _AblRun:
             "schedule": {stage: schedule.epochs(stage) for stage in STAGES},
             "seconds_by_stage": {key: round(value, 2) for key, value in self.seconds.items()},
         }
-        return DefenseResult(self.model, self._detector(), details=details)
+        # low loss under the isolation model = suspicious
+        return DefenseResult(self.model, self._detector(), details=details, scores=-self.losses, flagged=self.isolated)
 
 
 def _detector_summary(detector: dict[str, Any]) -> str:

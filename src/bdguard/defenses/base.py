@@ -14,6 +14,7 @@ import torch
 from bdguard.config import NoParams, from_dict, with_preset
 from bdguard.data.base import DataBundle, ImageSet, PoisonedSet, TriggeredSet
 from bdguard.models.base import BackdoorModel
+from bdguard.results import DETECTOR_KEYS, Plots
 from bdguard.training.config import TrainConfig
 from bdguard.training.metrics import Evaluator
 from bdguard.training.runtime import RunClock
@@ -27,7 +28,7 @@ class Figure:
     caption: str
 
 
-DETECTOR_KEYS = ("flagged", "tpr", "fpr", "precision", "auroc", "auprc")
+SCORES_FILE = "scores.csv"  # a detector's score and flag per training sample (train and detect folders alike)
 
 
 @dataclass
@@ -38,7 +39,12 @@ class DefenseResult:
     `detector`: the defense's own poisoned-sample detector measured against the ground truth (V&B's split, ABL's
     isolation), with `DETECTOR_KEYS`; `pruned_fraction`: the share of units a pruning defense removed;
     `backdoor_flagged`: a model-level verdict (Neural Cleanse's); `figures`: the PNGs it wrote, captioned;
-    `details`: anything else, written into results.json under the defense's name."""
+    `details`: anything else, written into results.json under the defense's name.
+
+    What the report draws for it, without knowing the defense: `scores` and `flagged`, its detector's score (higher =
+    more suspicious) and flag per training sample, which the run writes to scores.csv and the report turns into an
+    ROC curve; `series`, the keys of its per-epoch metrics.jsonl rows to plot beside BA/ASR/RA, with their labels;
+    `rounds_file`, a JSON-lines file it wrote with one row (round, tpr, fpr, auroc) per scoring round."""
 
     model: torch.nn.Module
     detector: dict[str, Any] | None = None
@@ -46,19 +52,26 @@ class DefenseResult:
     backdoor_flagged: bool | None = None
     figures: tuple[Figure, ...] = ()
     details: dict[str, Any] = field(default_factory=dict)
+    scores: torch.Tensor | None = None
+    flagged: torch.Tensor | None = None
+    series: dict[str, str] = field(default_factory=dict)
+    rounds_file: str | None = None
 
     def __post_init__(self) -> None:
         if self.detector is not None and set(self.detector) != set(DETECTOR_KEYS):
             raise ValueError(f"a detector summary has the keys {DETECTOR_KEYS}, got {sorted(self.detector)}")
+        if (self.scores is None) != (self.flagged is None):
+            raise ValueError("a defense's per-sample scores come with its flags")
 
-    def to_json(self, defense: str) -> dict[str, Any]:
-        """The results.json entries of the contract, the details under `defense`."""
+    def result_fields(self) -> dict[str, Any]:
+        """The contract's part of the run's RunResult (bdguard.results)."""
         return {
             "detector": self.detector,
             "pruned_fraction": self.pruned_fraction,
             "backdoor_flagged": self.backdoor_flagged,
             "figures": [{"file": f.file, "caption": f.caption} for f in self.figures],
-            defense: self.details,
+            "plots": Plots(dict(self.series), self.rounds_file, None if self.scores is None else SCORES_FILE),
+            "details": self.details,
         }
 
 

@@ -27,6 +27,7 @@ from typing import Any, ClassVar, Literal
 import torch
 import torch.nn.functional as F
 
+from bdguard.attacks.pixels import mask_blend
 from bdguard.config import check_range
 from bdguard.data.augment import to_float
 from bdguard.data.base import ImageSet
@@ -88,14 +89,9 @@ def _check_positive(name: str, value: float) -> None:
         raise BdguardError(f"{name} must be > 0, got {value}")
 
 
-def stamp(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
-    """(1 - m)·x + m·Δ on float images; mask (..., 1, H, W) and pattern (..., C, H, W) broadcast against x."""
-    return x + mask * (pattern - x)
-
-
 def stamp_images(images: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
-    """`stamp` on uint8 images (N, C, H, W) with one mask (H, W) and pattern (C, H, W), rounded back to uint8."""
-    x = stamp(to_float(images), mask.to(images.device)[None], pattern.to(images.device))
+    """`mask_blend` on uint8 images (N, C, H, W) with one mask (H, W) and pattern (C, H, W), rounded back to uint8."""
+    x = mask_blend(to_float(images), mask.to(images.device)[None], pattern.to(images.device))
     return x.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
 
 
@@ -252,7 +248,7 @@ def optimise_triggers(
             x = to_float(images[index])
             mask = torch.tanh(mask_param) / 2 + 0.5
             pattern = torch.tanh(pattern_param) / 2 + 0.5
-            stamped = stamp(x[None], mask[:, None, None], pattern[:, None])  # (T, B, C, H, W)
+            stamped = mask_blend(x[None], mask[:, None, None], pattern[:, None])  # (T, B, C, H, W)
             with autocast(device, True):
                 logits = model(stamped.flatten(0, 1)).float()
             loss = F.cross_entropy(logits, wanted, reduction="none").view(count, -1).mean(1)

@@ -18,7 +18,7 @@ import html
 import json
 import math
 import platform
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,6 +30,7 @@ from bdguard.io import write_text
 from bdguard.progress import log
 from bdguard.reporting.figures import detector_curves, training_curve
 from bdguard.reporting.files import folder_inside, pngs, read_bytes, read_json_dict, read_json_file, read_jsonl
+from bdguard.results import DetectionResult, RunResult
 from bdguard.stats import mean_std
 
 # the figures of the poisoning gallery and of `analyze`; a defense's come captioned in its results.json (`figures`)
@@ -51,7 +52,7 @@ class Entry:
     attack: str
     defense: str
     seed: int | None
-    results: dict[str, Any]
+    results: RunResult
     commands: list[str] = field(default_factory=list)
     analysis: Path | None = None  # an analyze folder of this entry's model
 
@@ -75,14 +76,8 @@ class Group:
     detection_folders: list[Path] = field(default_factory=list)  # detect folders given: their figures are shown
 
 
-def _environment(results: dict[str, Any]) -> dict[str, Any]:
-    env = results.get("environment")
-    return env if isinstance(env, dict) else {}
-
-
-def _commands(results: dict[str, Any]) -> list[str]:
-    command = _environment(results).get("command")
-    return [str(command)] if command else []
+def _commands(result: RunResult) -> list[str]:
+    return [result.command_line] if result.command_line else []
 
 
 def _seed(folder: Path) -> int | None:
@@ -98,13 +93,12 @@ def _analysis(folder: Path) -> Path | None:
     return analysis if analysis is not None and read_json_file(analysis, analysis / "analysis.json") else None
 
 
-NUMBERS = ("ba", "asr", "ra", "seconds")  # what the report computes with: each a number (or null)
 CELL_KEYS = ("attack", "defense", "folder")  # what a bench's cell row must name to be reported
 
 
 def read_results(path: Path) -> dict[str, Any]:
-    """A run's results.json (a regular file of its folder), refused with its path and what is wrong when it is
-    truncated or holds other types."""
+    """A results.json's table (a regular file of its folder), refused with its path when it is truncated or holds
+    no table; what it holds is read by bdguard.results."""
     raw = read_bytes(path.parent, path)
     if raw is None:
         raise BdguardError(f"{path} is not a regular file of its folder")
@@ -114,10 +108,6 @@ def read_results(path: Path) -> dict[str, Any]:
         raise BdguardError(f"{path} is not readable JSON ({exc}); a run killed while writing it? rerun it") from None
     if not isinstance(data, dict):
         raise BdguardError(f"{path} holds no table of results")
-    for key in NUMBERS:
-        value = data.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise BdguardError(f"{path}: {key} is {value!r}, not a number")
     return data
 
 
@@ -146,7 +136,7 @@ def _bench_group(folder: Path, data: dict[str, Any]) -> Group:
             log(f"warning: cell {row['folder']!r} is not a folder inside {folder}; left out of the report")
             continue
         try:
-            results = read_results(cell / "results.json")
+            results = RunResult.from_json(read_results(cell / "results.json"), str(cell / "results.json"))
         except BdguardError as exc:
             log(f"warning: {exc}; cell left out of the report")
             continue
@@ -168,7 +158,7 @@ def _bench_group(folder: Path, data: dict[str, Any]) -> Group:
     return group
 
 
-def collect(folders: Iterable[Path]) -> tuple[list[Group], list[Path]]:
+def collect_groups(folders: Iterable[Path]) -> tuple[list[Group], list[Path]]:
     """The matrices of the given folders and the loose analysis folders; a folder with nothing to report is an
     error."""
     groups: list[Group] = []
@@ -182,16 +172,17 @@ def collect(folders: Iterable[Path]) -> tuple[list[Group], list[Path]]:
         if isinstance(data, dict) and isinstance(data.get("cells"), list):
             groups.append(_bench_group(folder, data))
         elif isinstance(data, dict) and "ba" in data:
-            key = (str(data.get("dataset")), str(data.get("model")))
+            result = RunResult.from_json(data, str(results_file))
+            key = (result.dataset, result.model)
             group = loose.setdefault(key, Group(f"runs: {key[0]}, {key[1]}", ""))
-            attack, defense = str(data.get("attack", "?")), str(data.get("defense", "?"))
-            entry = Entry(folder, attack, defense, _seed(folder), data, _commands(data), _analysis(folder))
+            entry = Entry(folder, result.attack, result.defense, _seed(folder), result, _commands(result))
+            entry.analysis = _analysis(folder)
             group.entries.append(entry)
         elif isinstance(data, dict) and isinstance(data.get("detector"), str):
+            detection = DetectionResult.from_json(data, str(results_file))
             group = loose.setdefault(("detect", ""), Group("detections (bdguard detect)", ""))
-            metrics = _part(data, "metrics")
-            row = {key: metrics.get(key) for key in ("auroc", "tpr", "fpr")}
-            names = {"attack": str(data.get("attack")), "detector": data["detector"], "status": "done"}
+            row = {key: detection.metric(key) for key in ("auroc", "tpr", "fpr")}
+            names = {"attack": detection.attack, "detector": detection.detector, "status": "done"}
             group.detections.append({**row, **names})
             group.detection_folders.append(folder)
         elif (manifest := read_json_file(folder, folder / "manifest.json")) is not None:
@@ -275,11 +266,6 @@ def _pngs(folder: Path, prefix: str = "", declared: Iterable[dict[str, str]] = (
     return [_figure(png, prefix + captions.get(path.name, path.name)) for path, png in figures if png is not None]
 
 
-def _declared(figure: Any) -> bool:
-    """A defense's declared figure: {"file": NAME.png, "caption": text}."""
-    return isinstance(figure, dict) and isinstance(figure.get("file"), str) and isinstance(figure.get("caption"), str)
-
-
 def _with_std(mean: float | None, std: float | None) -> str:
     return _pct(mean) + ("" if std is None else f" ± {100 * std:.1f}")
 
@@ -306,7 +292,7 @@ def _matrix(group: Group, index: int) -> str:
     head = "".join(f"<th>{_esc(d)}</th>" for d in defenses)
     body = []
     for attack in attacks:
-        undefended = [e.results["ba"] for e in cells.get((attack, "none"), []) if e.results.get("ba") is not None]
+        undefended = [e.results.scores.ba for e in cells.get((attack, "none"), []) if e.results.scores.ba is not None]
         reference = mean_std(undefended)[0]
         tds = []
         for defense in defenses:
@@ -314,8 +300,8 @@ def _matrix(group: Group, index: int) -> str:
             if not members:
                 tds.append('<td class="empty">–</td>')
                 continue
-            ba = mean_std([e.results["ba"] for e in members if e.results.get("ba") is not None])
-            asr = mean_std([e.results["asr"] for e in members if e.results.get("asr") is not None])
+            ba = mean_std([e.results.scores.ba for e in members if e.results.scores.ba is not None])
+            asr = mean_std([e.results.scores.asr for e in members if e.results.scores.asr is not None])
             asr_colour = _hue_colour(1 - asr[0]) if asr[0] is not None else "#f4f5f7"
             if ba[0] is None:
                 ba_colour = "#f4f5f7"
@@ -345,17 +331,17 @@ def _matrix(group: Group, index: int) -> str:
     )
 
 
-ROW_KEYS = (
-    ("BA", lambda r: _pct(r.get("ba"))),
-    ("ASR", lambda r: _pct(r.get("asr"))),
-    ("RA", lambda r: _pct(r.get("ra"))),
-    ("BA before", lambda r: _pct(_part(r, "before").get("ba"))),
-    ("ASR before", lambda r: _pct(_part(r, "before").get("asr"))),
-    ("TPR", lambda r: _pct(_part(r, "detector").get("tpr"))),
-    ("FPR", lambda r: _pct(_part(r, "detector").get("fpr"))),
-    ("AUROC", lambda r: _fmt3(_part(r, "detector").get("auroc"))),
-    ("pruned", lambda r: _pct(r.get("pruned_fraction"))),
-    ("seconds", lambda r: f"{r['seconds']:.0f}" if _number(r.get("seconds")) else "–"),
+ROW_KEYS: tuple[tuple[str, Callable[[RunResult], str]], ...] = (
+    ("BA", lambda r: _pct(r.scores.ba)),
+    ("ASR", lambda r: _pct(r.scores.asr)),
+    ("RA", lambda r: _pct(r.scores.ra)),
+    ("BA before", lambda r: _pct(r.before.ba if r.before else None)),
+    ("ASR before", lambda r: _pct(r.before.asr if r.before else None)),
+    ("TPR", lambda r: _pct(r.detector_value("tpr"))),
+    ("FPR", lambda r: _pct(r.detector_value("fpr"))),
+    ("AUROC", lambda r: _fmt3(r.detector_value("auroc"))),
+    ("pruned", lambda r: _pct(r.pruned_fraction)),
+    ("seconds", lambda r: f"{r.seconds:.0f}" if r.seconds is not None else "–"),
 )
 
 
@@ -379,37 +365,35 @@ def _rows_table(entries: list[Entry]) -> str:
     )
 
 
-def _versions(results: dict[str, Any]) -> str:
-    env = _environment(results)
+def _versions(result: RunResult) -> str:
+    env = result.environment
     keys = ("bdguard", "torch", "python", "machine", "cuda")
     return ", ".join(f"{key} {env[key]}" for key in keys if env.get(key))
 
 
 def _entry_details(entry: Entry) -> str:
     r = entry.results
-    parts = [f"BA {_pct(r.get('ba'))}"]
-    if r.get("asr") is not None:
-        parts.append(f"ASR {_pct(r['asr'])}")
+    parts = [f"BA {_pct(r.scores.ba)}"]
+    if r.scores.asr is not None:
+        parts.append(f"ASR {_pct(r.scores.asr)}")
     seed = "" if entry.seed is None else f" / seed {entry.seed}"
     summary = f"{_esc(entry.attack)} / {_esc(entry.defense)}{seed}: {' '.join(parts)}"
     body = [_rows_table([entry])]
     figures = []
     rows = read_jsonl(entry.folder, entry.folder / "metrics.jsonl")
-    png = training_curve(rows, f"{entry.attack} / {entry.defense}: per epoch")
+    png = training_curve(rows, f"{entry.attack} / {entry.defense}: per epoch", r.plots.series)
     if png:
         figures.append(_figure(png, "training: BA, ASR and RA after every epoch"))
-    detector = detector_curves(entry.folder)
+    detector = detector_curves(entry.folder, r.plots.rounds, r.plots.scores)
     if detector:
-        figures.append(_figure(detector, "V&B detector: TPR, FPR, AUROC per scoring round; ROC of the final score"))
-    declared = r.get("figures")
-    declared = [f for f in declared if _declared(f)] if isinstance(declared, list) else []
-    figures += _pngs(entry.folder, declared=declared)
+        caption = f"{entry.defense}'s detector: TPR, FPR, AUROC per scoring round; ROC of its final score"
+        figures.append(_figure(detector, caption))
+    figures += _pngs(entry.folder, declared=r.figures)
     if entry.analysis is not None:
         figures += _pngs(entry.analysis, "analysis: ")
     body.append("".join(figures))
-    extra = r.get(entry.defense)  # the defense's own details (DefenseResult.details)
-    if extra:
-        text = json.dumps(extra, indent=1, default=str)
+    if r.details:  # the defense's own (DefenseResult.details)
+        text = json.dumps(r.details, indent=1, default=str)
         body.append(f"<p>defense details</p><pre>{_esc(text)}</pre>")
     commands = "\n".join(entry.commands) or "(not recorded)"
     body.append(f"<p>command</p><pre>{_esc(commands)}</pre>")
@@ -496,7 +480,7 @@ def write_report(folders: list[Path], out: Path, title: str | None = None) -> Pa
         raise BdguardError(f"--out {out} must name an .html file (the report never replaces a run's own files)")
     if out.is_dir():
         raise BdguardError(f"--out {out} is a folder; name the .html file to write")
-    groups, analyses = collect(folders)
+    groups, analyses = collect_groups(folders)
     if not analyses and not any(group.entries or group.galleries or group.detections for group in groups):
         names = ", ".join(str(folder) for folder in folders)
         raise BdguardError(f"nothing to report in {names}: no finished cells or runs yet")

@@ -20,7 +20,7 @@ import torch
 
 from bdguard.analysis.activation_norms import NORMS, activation_stats, shift_summary
 from bdguard.analysis.gradcam import GridColumn, changed_pixels, gradcam_grid, grid_cells
-from bdguard.attacks import AttackConfig, AttackContext, build_attack, check_attack
+from bdguard.attacks import ATTACKS, AttackConfig, check_attack
 from bdguard.config import RootConfig, check_range, to_dict
 from bdguard.data import DataConfig
 from bdguard.defenses.neural_cleanse import NcParams, ReversedTrigger, reverse_engineer, write_trigger_image
@@ -29,7 +29,7 @@ from bdguard.errors import BdguardError
 from bdguard.io import json_safe, write_json
 from bdguard.models import BackdoorModel, load_model
 from bdguard.progress import log
-from bdguard.runs.common import check_model_data, environment, prepare_data, recorded_attack, use_device
+from bdguard.runs.common import environment, recorded_attack, set_up, use_device
 from bdguard.runs.folder import claim, run_folder
 from bdguard.runs.repair import ProbeConfig, take_probe
 from bdguard.training import TrainConfig
@@ -105,17 +105,13 @@ def run_analyze(
     models = [(name, m) for name, (m, _, _) in loaded.items()]
     attack_config = config.attack or recorded_attack(meta)
     check_attack(attack_config)  # before the data set loads
+    if not ATTACKS.get(attack_config.name).has_trigger and params.trigger == "oracle":
+        raise BdguardError(f"attack {attack_config.name} has no trigger to analyse: pass --attack, or trigger=reverse")
     with run_folder(out, "analyze", settings, model_path):
         began = time.perf_counter()
-        bundle = prepare_data(config.data, device)
-        for _, m_meta, path in loaded.values():
-            check_model_data(m_meta, bundle, path)
-        attack = build_attack(attack_config, bundle.num_classes, bundle.image_shape)
-        if not attack.has_trigger and params.trigger == "oracle":
-            raise BdguardError(
-                f"attack {attack_config.name} has no trigger to analyse: pass --attack, or trigger=reverse"
-            )
-        attack.prepare(bundle, AttackContext(device, config.data.cache_path(), quiet))
+        checked = tuple((m_meta, path) for _, m_meta, path in loaded.values())
+        run = set_up(config.data, attack_config, device, quiet, models=checked)
+        bundle, attack = run.bundle, run.attack
 
         probe = take_probe(bundle, config.probe)[0]
         target = attack_config.target if attack.has_trigger and attack_config.mode == "all2one" else None

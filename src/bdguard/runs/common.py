@@ -6,6 +6,7 @@ from __future__ import annotations
 import platform
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from bdguard.data.base import ImageSet, PoisonedSet, TriggeredSet
 from bdguard.data.loading import known_class_count
 from bdguard.errors import BdguardError
 from bdguard.hashing import digest, settings_dict
+from bdguard.io import write_text
 from bdguard.models import ModelMeta
 from bdguard.progress import log
 from bdguard.training import TrainConfig, resolve_device
@@ -72,19 +74,41 @@ def check_before_loading(data: DataConfig, attack: AttackConfig) -> None:
         raise BdguardError(f"attack target {attack.target} is not a class ({data.dataset} has {classes})")
 
 
-def poisoned_data(
+@dataclass(frozen=True)
+class RunData:
+    """What a command runs on: the data set on the device, the attack prepared on it and, where the command poisons,
+    the poisoned training set."""
+
+    bundle: DataBundle
+    attack: Attack
+    poisoned: PoisonedSet | None
+
+    def triggered(self, clean: ImageSet) -> TriggeredSet | None:
+        """`clean`'s non-target images with the attack's trigger (None for no attack)."""
+        return self.attack.test_set(clean) if self.attack.has_trigger else None
+
+
+def set_up(
     data: DataConfig,
     attack_config: AttackConfig,
     device: torch.device,
     quiet: bool,
+    *,
+    models: tuple[tuple[ModelMeta, str | Path], ...] = (),
+    poison: bool = False,
     poison_store: str | Path | None = None,
-) -> tuple[DataBundle, Attack, PoisonedSet, TriggeredSet | None]:
-    """Load the data, prepare the attack on it, poison the training set (or read it from `poison_store`, a folder of
-    stored poisoned sets) and trigger the test set."""
-    store = None if poison_store is None else Path(poison_store)
+) -> RunData:
+    """The one set-up of every command: load the data, refuse a model (meta, path) of other images or classes,
+    prepare the attack on the data and, with `poison`, poison the training set (or read it from `poison_store`, a
+    folder of stored poisoned sets) less the samples `data.exclude` names."""
     bundle = prepare_data(data, device)
+    for meta, path in models:
+        check_model_data(meta, bundle, path)
     attack = build_attack(attack_config, bundle.num_classes, bundle.image_shape)
     attack.prepare(bundle, AttackContext(device, data.cache_path(), quiet))
+    if not poison:
+        return RunData(bundle, attack, None)
+    store = None if poison_store is None else Path(poison_store)
     if store is None:
         poisoned = attack.poison(bundle.train)
     else:
@@ -97,8 +121,7 @@ def poisoned_data(
             log(f"poisoned set read from {store / key}")
     if data.exclude is not None:
         poisoned = without(poisoned, excluded_samples(Path(data.exclude), poisoned.train), data.exclude)
-    triggered = attack.test_set(bundle.test) if attack.has_trigger else None
-    return bundle, attack, poisoned, triggered
+    return RunData(bundle, attack, poisoned)
 
 
 def excluded_samples(path: Path, train: ImageSet) -> torch.Tensor:
@@ -186,3 +209,30 @@ def check_model_data(meta: ModelMeta, bundle: DataBundle, model_path: str | Path
         )
     if meta.dataset != bundle.name:
         log(f"note: model {model_path} was trained on {meta.dataset}; it reads {bundle.name}, of the same classes")
+
+
+def write_scores(
+    path: Path, scores: torch.Tensor, flagged: torch.Tensor, data: ImageSet, truth: torch.Tensor | None = None
+) -> None:
+    """A detector's verdict per training sample as CSV: index, label, score (higher = more suspicious), flagged, the
+    file for a set read from files (data.exclude takes those names), and `poisoned` where the truth is given."""
+    columns = [np.arange(scores.numel()).astype(str), data.labels.cpu().numpy().astype(str)]
+    columns += [np.char.mod("%.6g", scores.float().cpu().numpy()), np.where(flagged.cpu().numpy(), "yes", "no")]
+    header = "index,label,score,flagged"
+    if data.files is not None:
+        columns.append(np.array([_csv_field(name) for name in data.files], dtype=str))
+        header += ",file"
+    if truth is not None:
+        columns.append(np.where(truth.cpu().numpy(), "yes", "no"))
+        header += ",poisoned"
+    rows = columns[0]
+    for column in columns[1:]:
+        rows = np.char.add(np.char.add(rows, ","), column)
+    write_text(path, header + "\n" + "".join(np.char.add(rows, "\n")))
+
+
+def _csv_field(text: str) -> str:
+    """A file name as one CSV field: quoted (quotes doubled) where it holds a comma, a quote or a line break."""
+    if any(c in text for c in ',"\n\r'):
+        return '"' + text.replace('"', '""') + '"'
+    return text

@@ -18,26 +18,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from bdguard.attacks import AttackConfig
 from bdguard.config import RootConfig, check_range, to_dict
 from bdguard.data import DataBundle, DataConfig
 from bdguard.defenses import DefenseConfig
+from bdguard.defenses.base import SCORES_FILE
 from bdguard.detectors import Detection, DetectionJob, DetectorConfig, build_detector
 from bdguard.errors import BdguardError
-from bdguard.io import write_array, write_json, write_text
+from bdguard.io import write_array, write_json
 from bdguard.models import BackdoorModel, load_model
 from bdguard.models.base import check_model_options
+from bdguard.results import DetectionResult
 from bdguard.runs.common import (
     MODEL,
     RESULTS,
     check_before_loading,
     check_model_data,
     environment,
-    poisoned_data,
+    set_up,
     use_device,
+    write_scores,
 )
 from bdguard.runs.folder import run_folder
 from bdguard.runs.train import RunConfig, run_train
@@ -112,7 +114,8 @@ def run_detect(
     with run_folder(out, "detect", to_dict(config), model_path):
         device = use_device(config.train)
         began = time.perf_counter()
-        bundle, attack, poisoned, _ = poisoned_data(config.data, config.attack, device, quiet, poison_store)
+        run = set_up(config.data, config.attack, device, quiet, poison=True, poison_store=poison_store)
+        bundle, attack, poisoned = run.bundle, run.attack, run.poisoned
         model = _model_source(config, model_path, out, device, quiet, bundle, poison_store)
         if model_path is not None:
             model()  # refuses a model of another data set before minutes of scoring (and keeps it)
@@ -130,20 +133,21 @@ def run_detect(
         _check(detection, len(poisoned.train), detector.name)
         truth = poisoned.poison_mask if attack.has_trigger and bool(poisoned.poison_mask.any()) else None
         cross = poisoned.cross_mask if truth is not None else None
-        results = {
-            "detector": detector.name,
-            "dataset": bundle.name,
-            "attack": config.attack.name,
-            "samples": len(poisoned.train),
-            "poisoned": None if truth is None else int(truth.sum()),
-            "threshold": detection.threshold,
-            "flagged": int(detection.flagged.sum()),
-            "metrics": None if truth is None else detection_metrics(detection.scores, detection.flagged, truth, cross),
-            "model": None if not detector.uses_model else str(model_path or out / MODEL_DIR / MODEL),
-            **detection.extra,
-            "seconds": round(time.perf_counter() - began, 2),
-            "environment": environment(),
-        }
+        record = DetectionResult(
+            detector=detector.name,
+            dataset=bundle.name,
+            attack=config.attack.name,
+            samples=len(poisoned.train),
+            poisoned=None if truth is None else int(truth.sum()),
+            threshold=detection.threshold,
+            flagged=int(detection.flagged.sum()),
+            metrics=None if truth is None else detection_metrics(detection.scores, detection.flagged, truth, cross),
+            model=None if not detector.uses_model else str(model_path or out / MODEL_DIR / MODEL),
+            seconds=round(time.perf_counter() - began, 2),
+            environment=environment(),
+            extra=detection.extra,
+        )
+        results = record.to_json()
         _write_outputs(out, config, detection, poisoned.train, bundle.classes, truth)
         write_json(out / RESULTS, results)  # last: a results.json means the folder is complete
     return results
@@ -163,19 +167,7 @@ def _write_outputs(out: Path, config: DetectConfig, detection: Detection, data, 
 
     scores, flagged = detection.scores.float().cpu(), detection.flagged.bool().cpu()
     labels = data.labels.cpu()
-    columns = [np.arange(scores.numel()).astype(str), labels.numpy().astype(str)]
-    columns += [np.char.mod("%.6g", scores.numpy()), np.where(flagged.numpy(), "yes", "no")]
-    header = "index,label,score,flagged"
-    if data.files is not None:  # a set read from files: the rows are named by them too (data.exclude takes them)
-        columns.append(np.array([_csv_field(name) for name in data.files], dtype=str))
-        header += ",file"
-    if truth is not None:
-        columns.append(np.where(truth.cpu().numpy(), "yes", "no"))
-        header += ",poisoned"
-    rows = columns[0]
-    for column in columns[1:]:
-        rows = np.char.add(np.char.add(rows, ","), column)
-    write_text(out / "scores.csv", header + "\n" + "".join(np.char.add(rows, "\n")))
+    write_scores(out / SCORES_FILE, scores, flagged, data, truth)
     write_array(out / "flagged.npy", flagged)
     truth_cpu = None if truth is None else truth.cpu()
     plot_score_hist(out / "score_hist.png", scores, flagged, truth_cpu)
@@ -183,10 +175,3 @@ def _write_outputs(out: Path, config: DetectConfig, detection: Detection, data, 
     plot_most_suspicious(
         out / "most_suspicious.png", data.images.cpu(), labels, scores, classes, count, truth_cpu, data.files
     )
-
-
-def _csv_field(text: str) -> str:
-    """A file name as one CSV field: quoted (quotes doubled) where it holds a comma, a quote or a line break."""
-    if any(c in text for c in ',"\n\r'):
-        return '"' + text.replace('"', '""') + '"'
-    return text

@@ -12,7 +12,7 @@ from bdguard.io import write_array, write_json
 from bdguard.runs.common import (
     check_before_loading,
     environment,
-    poisoned_data,
+    set_up,
     use_device,
 )
 from bdguard.runs.folder import run_folder
@@ -45,7 +45,8 @@ def _poison(
     config: RunConfig, settings: dict[str, Any], out: Path, quiet: bool, rows: int, poison_store: str | Path | None
 ) -> dict[str, Any]:
     device = use_device(config.train)
-    bundle, attack, poisoned, triggered = poisoned_data(config.data, config.attack, device, quiet, poison_store)
+    run = set_up(config.data, config.attack, device, quiet, poison=True, poison_store=poison_store)
+    bundle, attack, poisoned, triggered = run.bundle, run.attack, run.poisoned, run.triggered(run.bundle.test)
     # Imported here: matplotlib is slow to import and only this command draws.
     from bdguard.plotting import write_figure
     from bdguard.reporting.gallery import poison_gallery

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from bdguard.attacks import AttackConfig, AttackContext, build_attack
+from bdguard.attacks import AttackConfig
 from bdguard.config import RootConfig, check_range, check_seed, to_dict
 from bdguard.data import DataBundle, DataConfig, ImageSet
 from bdguard.data.sources import ImageDecoder
@@ -25,14 +25,14 @@ from bdguard.errors import BdguardError
 from bdguard.io import write_json
 from bdguard.models import BackdoorModel, ModelMeta, load_model, save_model
 from bdguard.progress import log
+from bdguard.results import RunResult, Scores
 from bdguard.runs.common import (
     MODEL,
     RESULTS,
     check_before_loading,
-    check_model_data,
     environment,
-    prepare_data,
     recorded_attack,
+    set_up,
     use_device,
 )
 from bdguard.runs.folder import claim, run_folder
@@ -143,13 +143,10 @@ def _repair(
     quiet: bool,
 ) -> dict[str, Any]:
     began = time.perf_counter()
-    bundle = prepare_data(config.data, device)
-    check_model_data(meta, bundle, model_path)
-    attack = build_attack(attack_config, bundle.num_classes, bundle.image_shape)
-    attack.prepare(bundle, AttackContext(device, config.data.cache_path(), quiet))
-
+    run = set_up(config.data, attack_config, device, quiet, models=((meta, model_path),))
+    bundle, attack = run.bundle, run.attack
     probe, evaluation = take_probe(bundle, config.probe)
-    triggered = attack.test_set(evaluation) if attack.has_trigger else None
+    triggered = run.triggered(evaluation)
     evaluator = Evaluator(evaluation, triggered, config.train.eval_batch_size, config.train.amp)
     log(f"probe: {len(probe)} clean images ({config.probe.source}); evaluation: {len(evaluation)} test images")
     before = evaluator(model)
@@ -185,23 +182,23 @@ def _repair(
     extra_meta = {**meta.extra, "defense": to_dict(config.defense), "trained_with": meta.extra.get("defense")}
     save_model(model, out / MODEL, dataclasses.replace(meta, extra={**extra_meta, "repair": repair}))
 
-    results = {
-        **evaluator(model),
-        "dataset": bundle.name,
-        "attack": attack_config.name,
-        "defense": config.defense.name,
-        "model": meta.architecture,
-        "epochs": (meta.extra.get("train") or {}).get("epochs"),
-        "seconds": round(time.perf_counter() - began, 2),
-        "poisoned": None,  # known to the training run, not to the defender
-        "train_size": None,
-        "target": attack_config.target if attack.has_trigger else None,
-        "before": before,
-        "probe": probe_info,
-        "eval_size": len(evaluation),
-        "model_path": str(model_path),
-        **result.to_json(config.defense.name),
-        "environment": environment(),
-    }
+    record = RunResult(
+        command="repair",
+        scores=Scores(**evaluator(model)),
+        dataset=bundle.name,
+        attack=attack_config.name,
+        defense=config.defense.name,
+        model=meta.architecture,
+        epochs=(meta.extra.get("train") or {}).get("epochs"),
+        seconds=round(time.perf_counter() - began, 2),
+        environment=environment(),
+        target=attack_config.target if attack.has_trigger else None,  # poisoned, train_size: not the defender's
+        before=Scores(**before),
+        probe=probe_info,
+        eval_size=len(evaluation),
+        model_path=str(model_path),
+        **result.result_fields(),
+    )
+    results = record.to_json()
     write_json(out / RESULTS, results)
     return results

@@ -10,26 +10,26 @@ from typing import Any
 import torch
 
 from bdguard import distributed
-from bdguard.attacks import AttackConfig, AttackContext, build_attack
+from bdguard.attacks import AttackConfig
 from bdguard.config import RootConfig, to_dict
 from bdguard.data import DataConfig
-from bdguard.data.base import TriggeredSet
 from bdguard.defenses import DefenseConfig, TrainingDefense, TrainingJob, build_defense
+from bdguard.defenses.base import SCORES_FILE
 from bdguard.errors import BdguardError
 from bdguard.io import write_array, write_json
 from bdguard.models import load_model, save_model
 from bdguard.models.base import check_model_options
+from bdguard.results import RunResult, Scores
 from bdguard.runs.common import (
     MODEL,
     RESULTS,
     check_before_loading,
-    check_model_data,
     environment,
     fingerprint,
-    poisoned_data,
-    prepare_data,
     recorded_attack,
+    set_up,
     use_device,
+    write_scores,
 )
 from bdguard.runs.folder import claim, run_folder
 from bdguard.training import TrainConfig, evaluate, resolve_device
@@ -85,7 +85,8 @@ def _train(
 ) -> dict[str, Any]:
     clock = RunClock()
     with distributed.main_first():  # the others read the data and the poisoned set the main rank cached
-        bundle, attack, poisoned, triggered = poisoned_data(config.data, config.attack, device, quiet, poison_store)
+        run = set_up(config.data, config.attack, device, quiet, poison=True, poison_store=poison_store)
+    bundle, attack, poisoned, triggered = run.bundle, run.attack, run.poisoned, run.triggered(run.bundle.test)
     if distributed.is_main():  # the one rank that writes
         write_json(out / "attack.json", poisoned.manifest)
         write_array(out / "poison_mask.npy", poisoned.poison_mask)
@@ -114,20 +115,24 @@ def _train(
     extra_meta = {"attack": to_dict(config.attack), "defense": to_dict(config.defense), "train": to_dict(config.train)}
     meta = model_meta(bundle, config.train, extra_meta)
     save_model(model.to(memory_format=torch.contiguous_format), out / MODEL, meta)
-    results = {
-        **evaluate_model(model),
-        "dataset": bundle.name,
-        "attack": config.attack.name,
-        "defense": config.defense.name,
-        "model": config.train.model,
-        "epochs": config.train.epochs,
-        "seconds": round(clock.elapsed(), 2),  # summed over resumed invocations
-        "poisoned": poisoned.manifest["poisoned"],
-        "train_size": len(poisoned.train),
-        "target": config.attack.target if attack.has_trigger else None,
-        **result.to_json(config.defense.name),
-        "environment": environment(),
-    }
+    if result.scores is not None:  # the defense's own detector, in the form `bdguard detect` writes
+        write_scores(out / SCORES_FILE, result.scores, result.flagged, poisoned.train)
+    record = RunResult(
+        command="train",
+        scores=Scores(**evaluate_model(model)),
+        dataset=bundle.name,
+        attack=config.attack.name,
+        defense=config.defense.name,
+        model=config.train.model,
+        epochs=config.train.epochs,
+        seconds=round(clock.elapsed(), 2),  # summed over resumed invocations
+        environment=environment(),
+        poisoned=poisoned.manifest["poisoned"],
+        train_size=len(poisoned.train),
+        target=config.attack.target if attack.has_trigger else None,
+        **result.result_fields(),
+    )
+    results = record.to_json()
     write_json(out / RESULTS, results)
     return results
 
@@ -157,20 +162,18 @@ def _evaluate(
     model, meta = load_model(model_path, torch_device)
     attack = attack or recorded_attack(meta)
     began = time.perf_counter()
-    bundle = prepare_data(data, torch_device)
-    check_model_data(meta, bundle, model_path)
-    attack_obj = build_attack(attack, bundle.num_classes, bundle.image_shape)
-    attack_obj.prepare(bundle, AttackContext(torch_device, data.cache_path()))
-    triggered: TriggeredSet | None = attack_obj.test_set(bundle.test) if attack_obj.has_trigger else None
-    results = {
-        **evaluate(model, bundle.test, triggered, batch_size),
-        "dataset": bundle.name,
-        "attack": attack.name,
-        "defense": (meta.extra.get("defense") or {}).get("name", "unknown"),
-        "model": meta.architecture,
-        "epochs": (meta.extra.get("train") or {}).get("epochs"),
-        "seconds": round(time.perf_counter() - began, 2),
-        "model_path": str(model_path),
-        "environment": environment(),
-    }
-    return results
+    run = set_up(data, attack, torch_device, quiet=False, models=((meta, model_path),))
+    bundle, triggered = run.bundle, run.triggered(run.bundle.test)
+    record = RunResult(
+        command="evaluate",
+        scores=Scores(**evaluate(model, bundle.test, triggered, batch_size)),
+        dataset=bundle.name,
+        attack=attack.name,
+        defense=(meta.extra.get("defense") or {}).get("name", "unknown"),
+        model=meta.architecture,
+        epochs=(meta.extra.get("train") or {}).get("epochs"),
+        seconds=round(time.perf_counter() - began, 2),
+        environment=environment(),
+        model_path=str(model_path),
+    )
+    return record.to_json()

@@ -83,7 +83,19 @@ class Runtime:
         return self.layout(to_float(images))
 
     def autocast(self):
+        """The context of every training forward pass (and its loss): where precision is decided, once."""
         return autocast(self.device, self.amp)
+
+    def step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: float | None = None) -> None:
+        """The one optimisation step of every training loop (trainer, Victim, Beneficiary, check model; ABL through
+        the trainer): back-propagate `loss` (already scaled to this rank's share of the batch) and step, at `lr`
+        when given."""
+        if lr is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
 
 
 def check_finite(loss: float | None, where: str, settings: str) -> None:

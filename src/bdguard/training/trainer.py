@@ -71,9 +71,7 @@ class Trainer:
                         loss = F.cross_entropy(logits, y, label_smoothing=self.config.label_smoothing)
                     else:
                         loss = self.loss(logits, y)
-                self.optimizer.zero_grad(set_to_none=True)
-                (loss * factor).backward()
-                self.optimizer.step()
+                self.runtime.step(self.optimizer, loss * factor)
                 self.scheduler.step()
                 loss_sum += loss.detach() * y.shape[0]
                 correct += (logits.argmax(1) == y).sum()

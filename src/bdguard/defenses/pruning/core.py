@@ -21,7 +21,7 @@ from bdguard.data.base import ImageSet
 from bdguard.defenses.base import DefenseResult, Figure, PostTrainingDefense, RepairJob
 from bdguard.defenses.common import fine_tune, trigger_success
 from bdguard.defenses.pruning.params import PruneParams
-from bdguard.defenses.pruning.report import PRUNING_FIGURES, channel_rows, curve_summary, write_report
+from bdguard.defenses.pruning.report import PRUNING_FIGURES, channel_rows, curve_summary, write_pruning_report
 from bdguard.defenses.pruning.triggers import scoring_trigger
 from bdguard.errors import BdguardError
 from bdguard.io import json_safe
@@ -127,7 +127,7 @@ def choose_k(probe_rows: list[dict[str, Any]], params: PruneParams, limit: int) 
     return limit, "max_fraction"
 
 
-def summarise(clean: dict[str, torch.Tensor], stamped: dict[str, torch.Tensor] | None) -> Summaries:
+def summarise_shifts(clean: dict[str, torch.Tensor], stamped: dict[str, torch.Tensor] | None) -> Summaries:
     """Per statistic, the clean summary, or with a trigger the full shift summary (diff, rel, z, auroc)."""
     if stamped is None:
         return {key: clean_summary(values) for key, values in clean.items()}
@@ -160,7 +160,8 @@ class ChannelPruning(PostTrainingDefense):
         trigger = scoring_trigger(job, params)
         stamped = trigger.apply(job.probe.images) if trigger.apply is not None else None
         clean_stats = activation_stats(model, job.probe.images, batch)
-        summaries = summarise(clean_stats, activation_stats(model, stamped, batch) if stamped is not None else None)
+        stamped_stats = activation_stats(model, stamped, batch) if stamped is not None else None
+        summaries = summarise_shifts(clean_stats, stamped_stats)
         base = model.feature_mask.detach().clone()
         score = self.score(summaries)
         order = rank_channels(score.to(base.device), base > 0)
@@ -204,7 +205,7 @@ class ChannelPruning(PostTrainingDefense):
         figures: tuple[Figure, ...] = ()
         if job.run_dir is not None:
             table = channel_rows(summaries, score, order, k)
-            write_report(job.run_dir, {**summary, "params": to_dict(params)}, table, curve, summaries)
+            write_pruning_report(job.run_dir, {**summary, "params": to_dict(params)}, table, curve, summaries)
             figures = PRUNING_FIGURES
         verdict = (trigger.report.get("neural_cleanse") or {}).get("backdoored")
         return DefenseResult(model, None, k / channels, verdict, figures, json_safe(summary))

@@ -65,7 +65,7 @@ PRUNING_FIGURES = (
 )
 
 
-def write_report(
+def write_pruning_report(
     folder: Path,
     summary: dict[str, Any],
     table: list[dict[str, Any]],

@@ -2,6 +2,6 @@
 
 from bdguard.defenses.vab.config import PRESETS, VabParams
 from bdguard.defenses.vab.defense import VabDefense
-from bdguard.defenses.vab.schedule import VabSchedule, make_schedule, threshold
+from bdguard.defenses.vab.schedule import VabSchedule, make_vab_schedule, threshold
 
-__all__ = ["PRESETS", "VabDefense", "VabParams", "VabSchedule", "make_schedule", "threshold"]
+__all__ = ["PRESETS", "VabDefense", "VabParams", "VabSchedule", "make_vab_schedule", "threshold"]

@@ -102,11 +102,7 @@ class Beneficiary:
         return soft_cross_entropy(logits, targets), region
 
     def step(self, loss: torch.Tensor, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.runtime.step(self.optimizer, loss, lr)
 
 
 def stage_a_epoch(
@@ -240,7 +236,9 @@ def unlearn_epoch(
     """Stage B with `stage_b=unlearn` or `relabel` (docs/methods/vab.md 4): one pass over C in batches of B, each
     joined by a batch of the samples `suspicious` (about |S| / steps of them, so they are traversed about once) in
     the same forward pass, so BatchNorm sees the two mixed as in the training set; loss = L_C (cross-entropy with the
-    given labels, AttentionMix as in stage A) + weight * L_S. L_S: with `relabel` (N,) the cross-entropy towards
+    given labels, AttentionMix as in stage A) + weight * (|S batch| / |C batch|) * L_S, so that `weight` weighs a
+    suspicious sample against a credible one (at 10 % poison, weighing the two batch means alike lost the target
+    class: docs/methods/vab.md 4). L_S: with `relabel` (N,) the cross-entropy towards
     those classes, else the unlearning loss of the given label (mean -log(1 - p_label)): either way the trigger that
     residual poison in C teaches is tied to something other than the attack's target."""
     ben.model.train()
@@ -277,7 +275,9 @@ def unlearn_epoch(
                     loss_s = unlearning_loss(logits_s, unlearned)
                 else:
                     loss_s = F.cross_entropy(logits_s.float(), unlearned)
-                loss = loss + weight * loss_s * factor_s
+                # `weight` per sample against a credible one: L_S's mean counts as its batch's share of C's
+                share = batch_s.numel() / batch.numel()
+                loss = loss + weight * share * loss_s * factor_s
                 sums[2] += loss_s.detach()
             ben.step(loss, lr(step / steps))
             sums[0] += loss.detach()

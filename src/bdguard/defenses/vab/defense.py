@@ -13,7 +13,6 @@ suspicious.csv (index, normalised entropy, suspicious yes/no: the Beneficiary's 
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -32,15 +31,14 @@ from bdguard.defenses.vab.beneficiary import (
     stage_b_epoch,
     unlearn_epoch,
 )
-from bdguard.defenses.vab.config import PRESETS, VabParams, VictimParams
-from bdguard.defenses.vab.labels import LabelGuard, disputed
+from bdguard.defenses.vab.config import PRESETS, VabParams
+from bdguard.defenses.vab.labels import disputed
 from bdguard.defenses.vab.report import plot_entropy_hist, split_metrics, stage_b_diagnostics, write_suspicious_csv
-from bdguard.defenses.vab.schedule import make_schedule, threshold
-from bdguard.defenses.vab.victim import EntropyDetector, entropy_scores, entropy_split, victim_epoch, victim_logits
+from bdguard.defenses.vab.schedule import make_vab_schedule
+from bdguard.defenses.vab.splitter import Splitter
 from bdguard.models import save_model
 from bdguard.progress import log, number
-from bdguard.training.config import TrainConfig
-from bdguard.training.factory import model_meta, new_model
+from bdguard.training.factory import model_meta
 from bdguard.training.runtime import Checkpoint, Runtime, check_finite, epoch_generator
 from bdguard.training.schedule import lr_factor, make_optimizer
 from bdguard.training.trainer import make_augment
@@ -65,24 +63,6 @@ class VabDefense(TrainingDefense):
         return _VabRun(job, self.params).run()
 
 
-def victim_train_config(train: TrainConfig, params: VictimParams, samples: int) -> TrainConfig:
-    """How the Victim is built and trained on a set of `samples`, recorded in its model file (seed + 1: never the
-    Beneficiary's init)."""
-    architecture = params.victim_architecture(train.model)
-    return dataclasses.replace(
-        train,
-        model=architecture,
-        model_kwargs=dict(train.model_kwargs) if architecture == train.model else {},
-        seed=train.seed + 1,
-        optimizer="adam",
-        lr=params.victim_lr,
-        weight_decay=params.victim_weight_decay,
-        batch_size=params.victim_batch(samples),
-        schedule="constant",
-        augment=False,
-    )
-
-
 def _indices(mask: torch.Tensor) -> torch.Tensor:
     return mask.nonzero().flatten()
 
@@ -93,9 +73,8 @@ class _VabRun:
     def __init__(self, job: TrainingJob, params: VabParams) -> None:
         self.job, self.params = job, params
         self.data = job.poisoned.train
-        self.schedule = make_schedule(job.train.epochs, params)
+        self.schedule = make_vab_schedule(job.train.epochs, params)
         self.runtime = Runtime(job.device, job.train.amp, job.train.channels_last, job.quiet)
-        self.victim_config = victim_train_config(job.train, params, len(self.data))
         net = self.runtime.prepare(job.new_model())
         self.beneficiary = Beneficiary(
             net,
@@ -106,19 +85,10 @@ class _VabRun:
             params,
             self.runtime,
         )
-        self.victim = self.runtime.prepare(new_model(job.bundle, self.victim_config, job.device))
-        self.victim_network = distributed.wrap(self.victim, job.device)  # what trains (DDP under torchrun)
-        self.victim_optimizer = torch.optim.Adam(
-            self.victim.parameters(), lr=params.victim_lr, weight_decay=params.victim_weight_decay
-        )
-        self.detector = EntropyDetector(params.ema)
-        self.logits = torch.zeros(len(self.data), job.bundle.num_classes, device=job.device)  # the Victim's, last round
-        self.flagged = torch.zeros(len(self.data), dtype=torch.bool, device=job.device)  # the Victim's entropy split
-        self.guard = LabelGuard(params.label_rule(), job.bundle.num_classes, job.bundle.classes)
-        self.guarded = self.flagged  # the split after the label rule (the Victim's own with split_rule=global)
-        self.suspicious = self.flagged  # the Beneficiary's split: the guarded one, less what `refine` took back
-        self.taken_back = torch.zeros_like(self.flagged)  # what the last refinement took back from the flagged set
-        self.victim_epochs = 0
+        self.victim = Splitter(job.bundle, self.data, job.train, params, self.runtime)
+        self.guarded = self.victim.flagged  # the split after the label rule (the Victim's own with split_rule=global)
+        self.suspicious = self.guarded  # the Beneficiary's split: the guarded one, less what `refine` took back
+        self.taken_back = torch.zeros_like(self.guarded)  # what the last refinement took back from the flagged set
         self.warned_fallback = False
         self.epoch = 0  # the last finished Beneficiary epoch
         self.history: list[dict[str, Any]] = []  # one row per Beneficiary epoch
@@ -162,32 +132,17 @@ class _VabRun:
 
     # -- the Victim --------------------------------------------------------------------------------------------
 
-    def _train_victim(self, index: torch.Tensor, label: str) -> float | None:
-        generator = epoch_generator(self.job.train.seed + 1, self.victim_epochs, self.job.device)
-        loss = victim_epoch(
-            self.victim_network,
-            self.victim_optimizer,
-            self.data,
-            index,
-            self.victim_config.batch_size,
-            generator,
-            self.runtime,
-            label,
-        )
-        self.victim_epochs += 1
-        check_finite(loss, label, f"the Victim's learning rate (vab.victim_lr = {self.params.victim_lr:g})")
-        return loss
-
     def _score(self, after_epoch: int) -> None:
-        """A scoring round: re-score every training sample, smooth, normalise, split; report against ground truth."""
-        self.logits = victim_logits(self.victim, self.data.images, self.job.train.eval_batch_size, self.runtime)
-        normalised = self.detector.update(entropy_scores(self.logits))
-        number = self.detector.rounds
-        tau = threshold(number, self.params)
-        self.flagged = entropy_split(normalised, tau)
-        self.guarded = self.suspicious = self.guard.split(self.flagged, self.data.labels, self.detector.history)
-        row = {"round": number, "after_epoch": after_epoch, "tau": tau, "flagged_by_victim": int(self.flagged.sum())}
-        row["attacked_labels"] = self.guard.attacked.nonzero().flatten().tolist()
+        """A scoring round of the Victim, its split guarded, reported against ground truth."""
+        self._record(self.victim.score(), after_epoch)
+
+    def _record(self, tau: float, after_epoch: int) -> None:
+        self.guarded = self.suspicious = self.victim.guarded()
+        number = self.victim.detector.rounds
+        row = {"round": number, "after_epoch": after_epoch, "tau": tau}
+        row["flagged_by_victim"] = int(self.victim.flagged.sum())
+        row["attacked_labels"] = self.victim.guard.attacked.nonzero().flatten().tolist()
+        normalised = self.victim.detector.normalised()
         row.update(split_metrics(normalised, self.suspicious, self.job.poisoned))
         self.rounds.append(row)
         if number in self.key_rounds:
@@ -195,20 +150,14 @@ class _VabRun:
         log(_round_summary(row))
 
     def _warm_up(self) -> None:
-        """One Victim epoch on all data, warm_up - 1 filtered rounds, and the scoring round of the first split; with
-        the label rule, its check model is trained on that split's credible side and the split guarded."""
-        self._train_victim(torch.arange(len(self.data), device=self.job.device), "victim warm-up (all data)")
-        for _ in range(self.params.warm_up - 1):
-            self._score(after_epoch=0)
-            self._train_victim(_indices(self.flagged), f"victim warm-up round {self.detector.rounds}")
-        self._score(after_epoch=0)
+        """The Victim's warm-up, a round row for each of its scoring rounds; with the label rule, the first split
+        guarded by the check model trained after it."""
+        self.victim.warm_up(lambda tau: self._record(tau, after_epoch=0))
         if self.params.split_rule == "labels":
-            epochs = self.params.check_epochs
-            self.guard.train_check(self.job.bundle, self.data, self.flagged, self.job.train, epochs, self.runtime)
-            self.guarded = self.suspicious = self.guard.split(self.flagged, self.data.labels, self.detector.history)
+            self.guarded = self.suspicious = self.victim.guarded()
             last = self.rounds[-1]
-            last["attacked_labels"] = self.guard.attacked.nonzero().flatten().tolist()
-            last.update(split_metrics(self.detector.normalised(), self.suspicious, self.job.poisoned))
+            last["attacked_labels"] = self.victim.guard.attacked.nonzero().flatten().tolist()
+            last.update(split_metrics(self.victim.detector.normalised(), self.suspicious, self.job.poisoned))
             log(_round_summary(last))
 
     # -- the Beneficiary ---------------------------------------------------------------------------------------
@@ -250,8 +199,8 @@ class _VabRun:
     def _suppressed(self) -> torch.Tensor | None:
         """The labels whose credible samples the Victim's beliefs suppress: with `suppress_labels=attacked` those the
         label rule found attacked (when it found any), else all (None)."""
-        if self.params.suppress_labels == "attacked" and bool(self.guard.attacked.any()):
-            return self.guard.attacked
+        if self.params.suppress_labels == "attacked" and bool(self.victim.guard.attacked.any()):
+            return self.victim.guard.attacked
         return None
 
     def _unlearns(self) -> bool:
@@ -259,7 +208,7 @@ class _VabRun:
         Victim's global split also holds whole easy clean classes, and no check model disputes a clean-label poison."""
         if self.params.stage_b == "suppress":
             return False
-        if bool(self.guard.attacked.any()):
+        if bool(self.victim.guard.attacked.any()):
             return True
         if not self.warned_fallback:
             wanted = self.params.stage_b
@@ -277,16 +226,16 @@ class _VabRun:
         label = f"V&B stage {stage} epoch {epoch}/{schedule.epochs}"
         lr = self._lr(epoch)
         row: dict[str, Any] = {"epoch": epoch, "stage": stage, "lr": lr(0.0), "returned": returned}
-        row["split"] = split_metrics(self.detector.normalised(), self.suspicious, self.job.poisoned)
+        row["split"] = split_metrics(self.victim.detector.normalised(), self.suspicious, self.job.poisoned)
         if stage == "A":
             row["alpha"] = None
-            beliefs = self.logits if self.params.suppress_stage_a else None
+            beliefs = self.victim.logits if self.params.suppress_stage_a else None
             row.update(
                 stage_a_epoch(self.beneficiary, self.data, credible, generator, label, lr, beliefs, self._suppressed())
             )
         elif self._unlearns():
             row["alpha"] = None
-            predicted, labels = self.guard.predicted, self.data.labels
+            predicted, labels = self.victim.guard.predicted, self.data.labels
             diverse = self.params.unlearn_among == "diverse"
             classes = self.job.bundle.num_classes
             contradicted = _indices(self.suspicious & disputed(labels, predicted, ~self.suspicious, classes, diverse))
@@ -297,7 +246,7 @@ class _VabRun:
         else:
             row["alpha"] = alpha = schedule.alpha(epoch, self.params)
             args = (self.data, credible, suspicious, alpha, generator, label, lr, self._suppressed())
-            result = stage_b_epoch(self.beneficiary, self.logits, *args)
+            result = stage_b_epoch(self.beneficiary, self.victim.logits, *args)
             row.update(result.metrics)
             row.update(stage_b_diagnostics(result.suppression_weight, result.pseudo_label, self.job.poisoned))
         check_finite(row["loss"], label, f"the learning rate (train.lr = {train.lr:g})")
@@ -308,7 +257,7 @@ class _VabRun:
         row["victim_loss"] = None
         if row["victim_updated"]:
             began_victim = time.perf_counter()
-            row["victim_loss"] = self._train_victim(_indices(self.flagged), f"victim after epoch {epoch}")
+            row["victim_loss"] = self.victim.train_on_flags(f"victim after epoch {epoch}")
             self._score(after_epoch=epoch)
             self.seconds["victim"] += time.perf_counter() - began_victim
 
@@ -318,7 +267,7 @@ class _VabRun:
         if main:
             row.update(self.job.evaluate(self.beneficiary.model))
         if main and (self.params.evaluate_victim == "every" or epoch == schedule.epochs):
-            victim = self.job.evaluate(self.victim)
+            victim = self.job.evaluate(self.victim.model)
             row["victim_ba"], row["victim_asr"] = victim["ba"], victim["asr"]
         self.seconds["evaluation"] += time.perf_counter() - began_eval
         row["detector"] = dict(self.rounds[-1])
@@ -337,16 +286,10 @@ class _VabRun:
             "epoch": self.epoch,
             "beneficiary": self.beneficiary.model.state_dict(),
             "beneficiary_optimizer": self.beneficiary.optimizer.state_dict(),
-            "victim": self.victim.state_dict(),
-            "victim_optimizer": self.victim_optimizer.state_dict(),
-            "detector": self.detector.state_dict(),
-            "logits": self.logits,
-            "flagged": self.flagged,
-            "guard": self.guard.state_dict(),
+            **self.victim.state_dict(),
             "guarded": self.guarded,
             "suspicious": self.suspicious,
             "taken_back": self.taken_back,
-            "victim_epochs": self.victim_epochs,
             "history": self.history,
             "rounds": self.rounds,
             "snapshots": self.snapshots,
@@ -362,16 +305,10 @@ class _VabRun:
     def _restore(self, state: dict[str, Any]) -> None:
         self.beneficiary.model.load_state_dict(state["beneficiary"])
         self.beneficiary.optimizer.load_state_dict(state["beneficiary_optimizer"])
-        self.victim.load_state_dict(state["victim"])
-        self.victim_optimizer.load_state_dict(state["victim_optimizer"])
-        self.detector.load_state_dict(state["detector"])
-        self.logits = state["logits"]
-        self.flagged = state["flagged"]
-        self.guard.load_state_dict(state["guard"])
+        self.victim.load_state_dict(state)
         self.guarded = state["guarded"]
         self.suspicious = state["suspicious"]
         self.taken_back = state["taken_back"]
-        self.victim_epochs = int(state["victim_epochs"])
         self.epoch = int(state["epoch"])
         self.history = list(state["history"])
         self.rounds = list(state["rounds"])
@@ -386,14 +323,14 @@ class _VabRun:
         last = self.history[-1]
         schedule = self.schedule
         # the split the Beneficiary trained on last; `flagged_by_victim` is the Victim's entropy rule alone
-        split_now = split_metrics(self.detector.normalised(), self.suspicious, self.job.poisoned)
+        split_now = split_metrics(self.victim.detector.normalised(), self.suspicious, self.job.poisoned)
         details = {
             "victim": {"ba": last["victim_ba"], "asr": last["victim_asr"]},
             "split": {
                 "rounds": len(self.rounds),
                 **{key: split_now[key] for key in SPLIT_KEYS},
-                "flagged_by_victim": int(self.flagged.sum()),
-                "attacked_labels": self.guard.attacked.nonzero().flatten().tolist(),
+                "flagged_by_victim": int(self.victim.flagged.sum()),
+                "attacked_labels": self.victim.guard.attacked.nonzero().flatten().tolist(),
                 "returned": returned,
             },
             "seconds_by_stage": {key: round(value, 2) for key, value in self.seconds.items()},
@@ -405,13 +342,23 @@ class _VabRun:
             },
         }
         figures = (Figure("entropy_hist.png", ENTROPY_CAPTION),) if run_dir is not None else ()
-        return DefenseResult(self.beneficiary.model, detector_entry(split_now), figures=figures, details=details)
+        return DefenseResult(
+            self.beneficiary.model,
+            detector_entry(split_now),
+            figures=figures,
+            details=details,
+            scores=1.0 - self.victim.detector.normalised(),  # low entropy = suspicious
+            flagged=self.suspicious,
+            series={"victim_asr": "V&B Victim ASR"},
+            rounds_file="detector.jsonl",
+        )
 
     def _write_outputs(self, run_dir: Path) -> None:
-        extra = {"role": "V&B Victim: backdoored on purpose, never deploy", "train": to_dict(self.victim_config)}
-        victim = self.victim.to(memory_format=torch.contiguous_format)
-        save_model(victim, run_dir / "victim.safetensors", model_meta(self.job.bundle, self.victim_config, extra))
-        normalised = self.detector.normalised()
+        config = self.victim.config
+        extra = {"role": "V&B Victim: backdoored on purpose, never deploy", "train": to_dict(config)}
+        victim = self.victim.model.to(memory_format=torch.contiguous_format)
+        save_model(victim, run_dir / "victim.safetensors", model_meta(self.job.bundle, config, extra))
+        normalised = self.victim.detector.normalised()
         write_suspicious_csv(run_dir / "suspicious.csv", normalised, self.suspicious)
         plot_entropy_hist(run_dir / "entropy_hist.png", self.snapshots, self.job.poisoned)
 

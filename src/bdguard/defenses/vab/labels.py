@@ -55,6 +55,8 @@ class LabelRule:
     # "otsu", the low side of the cut that best splits the label's own log-entropy in two (its clean samples, of
     # which the Victim is sure too, sit above it), with check flags only among the Victim's flags
     within: str
+    # a sample of an attacked label that the check model puts in its label stays credible, whatever the Victim says
+    holds: bool
 
 
 MIN_COUNT = 10  # diverse contradictions a label needs at the least, whatever the set's size
@@ -89,15 +91,11 @@ def train_check_model(
         for epoch in range(epochs):
             drawn = class_balanced(data.labels, credible, num_classes, generator)
             for step, batch in enumerate(batch_indices(drawn.numel(), config.batch_size, generator)):
-                for group in optimizer.param_groups:
-                    group["lr"] = config.lr * lr_factor(config, (epoch * steps + step) / (epochs * steps))
                 chosen = drawn[batch]
                 images = data.images[chosen] if augment is None else augment(data.images[chosen], generator)
                 with runtime.autocast():
                     loss = F.cross_entropy(model(runtime.inputs(images)), data.labels[chosen])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                runtime.step(optimizer, loss, config.lr * lr_factor(config, (epoch * steps + step) / (epochs * steps)))
                 bar.update(1)
 
 
@@ -174,7 +172,8 @@ def label_split(
     """The suspicious mask: the Victim's flags inside the attacked labels (with `check_flags`, and their samples
     the check model contradicts); the Victim's flags as they are when no label is attacked. With `rule.within`
     "otsu", inside each attacked label the low side of Otsu's cut on log `entropy` (the Victim's raw scores) instead
-    of the Victim's flags, and check flags only among those."""
+    of the Victim's flags, and check flags only among those. With `rule.holds`, the samples the check model puts in
+    their label are never suspicious."""
     if not attacked.any():
         return flagged
     inside = attacked[labels]
@@ -189,8 +188,10 @@ def label_split(
         for label in attacked.nonzero().flatten().tolist():
             members = (labels == label).nonzero().flatten()
             low[members] = otsu_low(entropy[members].clamp_min(1e-12).log())
-        return inside & (low | (flagged & contradicted)) if checked else inside & low
-    return inside & (flagged | contradicted) if checked else inside & flagged
+        suspicious = inside & (low | (flagged & contradicted)) if checked else inside & low
+    else:
+        suspicious = inside & (flagged | contradicted) if checked else inside & flagged
+    return suspicious & (predicted != labels) if rule.holds else suspicious
 
 
 class LabelGuard:

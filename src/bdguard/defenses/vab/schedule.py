@@ -53,7 +53,7 @@ def _updates(start: int, end: int, every: int, epochs: int, reference: int) -> l
     return points
 
 
-def make_schedule(epochs: int, params: VabParams) -> VabSchedule:
+def make_vab_schedule(epochs: int, params: VabParams) -> VabSchedule:
     stage_a = min(_at(params.stage_a_fraction, epochs), epochs)
     reference = params.reference_epochs or epochs
     updates = _updates(0, stage_a, params.victim_every, epochs, reference)

@@ -43,9 +43,7 @@ def victim_epoch(
             x = runtime.inputs(data.images[chosen])
             with runtime.autocast():
                 loss = F.cross_entropy(model(x), data.labels[chosen])
-            optimizer.zero_grad(set_to_none=True)
-            (loss * factor).backward()
-            optimizer.step()
+            runtime.step(optimizer, loss * factor)
             loss_sum += loss.detach() * chosen.numel()
             bar.update(1)
     return float(distributed.all_sum(loss_sum)) / index.numel()
