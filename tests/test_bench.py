@@ -22,6 +22,7 @@ from bdguard.bench.grid import plan
 from bdguard.bench.results import TIMING, read_csv, summarise_seeds
 from bdguard.config import load_file
 from bdguard.data import DataConfig, load_dataset
+from bdguard.errors import BdguardError
 from bdguard.io import read_json
 from bdguard.runs.detect import DetectConfig
 from bdguard.runs.repair import RepairConfig
@@ -227,7 +228,7 @@ def test_the_report_is_one_self_contained_page_that_renders(smoke_bench, tmp_pat
 
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys):
     cases = [
-        (["--suite", "nosuch"], "unknown suite 'nosuch'; known: cifar-cpu, cpu, paper, smoke"),
+        (["--suite", "nosuch"], "unknown suite 'nosuch'; known: cifar-cpu, cpu, demo, paper, smoke"),
         (["--suite", "smoke", "--attacks", "badnet"], "unknown attack 'badnet'"),
         (["--suite", "smoke", "--defenses", "vab,pruning"], "unknown defense 'pruning'"),
         (["--suite", "smoke", "--seeds", "two"], "--seeds takes a count"),
@@ -279,6 +280,25 @@ def test_a_post_training_defense_brings_in_its_undefended_model():
     assert repair.config.train.seed == 3 and repair.config.attack.seed == 3 and repair.config.probe.seed == 3
     assert repair.config.defense.params == {"finetune_epochs": 2}
     assert steps[1].config.train.epochs == 3 and steps[1].fingerprint != steps[3].fingerprint
+
+
+def test_a_variant_of_a_defense_is_a_cell_of_its_own_and_an_unknown_one_is_refused():
+    """`[by_defense.NAME] defense = ...` runs a registered defense under another name (the demo's linf-prune with the
+    real trigger): planned as that defense (a repair of the `none` model), tabled under its own name."""
+    variant = {"defense": "fine-pruning", "params": {"finetune_epochs": 1}}
+    overrides = {"defenses": ["fine-pruning", "fp-short"], "attacks": ["badnets"], "detectors": [], "gallery": False}
+    config = load_suite("smoke", {**overrides, "by_defense": {"fp-short": variant}})
+    steps = plan(config, "out")
+    assert [s.label for s in steps] == [
+        "badnets / none / seed 0",
+        "badnets / fine-pruning / seed 0",
+        "badnets / fp-short / seed 0",
+    ]
+    short = steps[2]
+    assert short.kind == "repair" and short.folder == Path("out/cells/badnets/fp-short/seed0")
+    assert short.config.defense.name == "fine-pruning" and short.config.defense.params == {"finetune_epochs": 1}
+    with pytest.raises(BdguardError, match="fine-prunin"):
+        load_suite("smoke", {**overrides, "by_defense": {"fp-short": {"defense": "fine-prunin"}}})
 
 
 def test_summary_is_mean_and_sample_std_over_seeds():

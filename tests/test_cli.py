@@ -126,68 +126,64 @@ def test_console_entry_point():
 
 
 def test_demo_trains_prunes_and_prints_one_table(tmp_path, capsys, monkeypatch):
+    """The demo is the shipped `demo` suite run by the bench; here on the synthetic set, so that it runs in seconds."""
+    from bdguard.bench import config as bench_config
+    from bdguard.bench import execute
     from bdguard.cli import demo
-    from bdguard.runs.repair import RepairConfig
-    from bdguard.runs.train import RunConfig
 
-    demo_config, repair_config = demo.demo_config, demo.repair_config
-
-    def tiny(defense):  # the demo's flow on the synthetic set, so the test runs in seconds
-        config = demo_config(defense)
-        params = {"preset": "smoke"} if config.defense.params else {}  # V&B's settings for the synthetic set
-        return RunConfig.from_dict(
-            {
-                "data": {"dataset": "synthetic"},
-                "attack": {"name": "badnets", "rate": 0.1, "params": {"patch_size": 4}},
-                "defense": {"name": config.defense.name, "params": params},
-                "train": {"model": config.train.model, "epochs": 1, "batch_size": 64, "threads": 2},
-            }
-        )
-
-    def tiny_repair(defense, params):
-        config = repair_config(defense, params)
-        params = {**params, "nc_steps": 30}  # Neural Cleanse cut short
-        return RepairConfig.from_dict(
-            {
-                "data": {"dataset": "synthetic"},
-                "defense": {"name": config.defense.name, "params": params},
-                "probe": {"size": 200},
-                "train": {"threads": 2},
-            }
-        )
-
-    monkeypatch.setattr(demo, "demo_config", tiny)
-    monkeypatch.setattr(demo, "repair_config", tiny_repair)
+    shipped = demo.demo_suite()
+    tiny = bench_config.from_dict(
+        bench_config.BenchConfig,
+        {
+            **bench_config.read_suite("demo"),
+            "data": {"dataset": "synthetic"},
+            "by_attack": {"badnets": {"params": {"patch_size": 4}}},
+            "train": {"model": "small-cnn", "epochs": 1, "batch_size": 64, "threads": 2},
+            "probe": {"size": 200},
+            "by_defense": {
+                "vab": {"params": {"preset": "smoke"}},  # V&B's settings for the synthetic set
+                "linf-prune": {"params": {"nc_steps": 30}},  # Neural Cleanse cut short
+                "linf-prune-oracle": {"defense": "linf-prune", "params": {"trigger": "oracle", "nc_steps": 30}},
+            },
+        },
+    )
+    assert (tiny.attacks, tiny.defenses) == (shipped.attacks, shipped.defenses)
+    monkeypatch.setattr(demo, "demo_suite", lambda: tiny)
     code, out, _ = run_cli(capsys, "demo", "--out", str(tmp_path), "--quiet")
     assert code == 0
     assert all(column in out for column in demo.COLUMNS)
     cells = [line.split() for line in out.splitlines()]
     rows = {" ".join(c[:-7]): c[-7:] for c in cells if len(c) > 7 and c[-1].isdigit()}  # label: BA ... seconds
     assert set(rows) == {"none", "vab", "none + linf-prune", "none + linf-prune-oracle"}
-    trained = json.loads((tmp_path / "none" / "results.json").read_text())
+    folder = tmp_path / "cells" / "badnets"
+    trained = json.loads((folder / "none" / "seed0" / "results.json").read_text())
     assert trained["attack"] == "badnets" and trained["asr"] > 0.5
-    vab = json.loads((tmp_path / "vab" / "results.json").read_text())
+    vab = json.loads((folder / "vab" / "seed0" / "results.json").read_text())
     assert rows["vab"][3:5] == [f"{vab['detector']['tpr']:.1%}", f"{vab['detector']['fpr']:.1%}"]
     assert rows["none"][3:5] == ["—", "—"]  # no detector
-    assert json.loads((tmp_path / "vab" / "attack.json").read_text()) == json.loads(
-        (tmp_path / "none" / "attack.json").read_text()
+    assert json.loads((folder / "vab" / "seed0" / "attack.json").read_text()) == json.loads(
+        (folder / "none" / "seed0" / "attack.json").read_text()
     )  # both rows train on the same poisoned samples
-    for folder, trigger in (("linf-prune", "reverse"), ("linf-prune-oracle", "oracle")):
-        report = json.loads((tmp_path / folder / "pruning.json").read_text())
+    for name, trigger in (("linf-prune", "reverse"), ("linf-prune-oracle", "oracle")):
+        report = json.loads((folder / name / "seed0" / "pruning.json").read_text())
         assert report["trigger"] == trigger
-    pruned = json.loads((tmp_path / "linf-prune-oracle" / "results.json").read_text())
-    assert pruned["model_path"] == str(tmp_path / "none" / "model.safetensors") and pruned["pruned_fraction"] > 0
-    assert pruned["asr"] < trained["asr"]
-    # run again: both steps are read back, nothing is trained or pruned twice
-    monkeypatch.setattr(demo, "run_repair", lambda *a, **k: pytest.fail("pruned again"))
+    pruned = json.loads((folder / "linf-prune-oracle" / "seed0" / "results.json").read_text())
+    assert pruned["model_path"] == str(folder / "none" / "seed0" / "model.safetensors")
+    assert pruned["pruned_fraction"] > 0 and pruned["asr"] < trained["asr"]
+    # run again: every cell is read back, nothing is trained or pruned twice
+    monkeypatch.setattr(execute, "run_repair", lambda *a, **k: pytest.fail("pruned again"))
+    monkeypatch.setattr(execute, "run_train", lambda *a, **k: pytest.fail("trained again"))
     code, again, _ = run_cli(capsys, "demo", "--out", str(tmp_path), "--quiet")
     assert code == 0 and f"{pruned['asr']:.1%}" in again
 
 
 def test_the_demo_settings_are_the_documented_ones():
+    from bdguard.bench.grid import plan
     from bdguard.cli import demo
 
-    config = demo.demo_config("none")
+    suite = demo.demo_suite()
+    steps = {step.defense: step for step in plan(suite, "out")}
+    config = steps["none"].config
     assert (config.data.dataset, config.data.train_size) == ("fashion-mnist", 20_000)
     assert (config.attack.name, config.attack.rate, config.train.model, config.train.epochs) == (
         "badnets",
@@ -195,12 +191,14 @@ def test_the_demo_settings_are_the_documented_ones():
         "small-cnn",
         10,
     )
-    vab = demo.demo_config("vab")
+    vab = steps["vab"].config
     assert (vab.data, vab.attack) == (config.data, config.attack) and vab.defense.params == {}
     assert vab.train == config.train and config.train.schedule == "onecycle"
-    # as a defender runs it (reversed trigger, auto budget), and with the real trigger
-    assert [(d, p) for _, d, p in demo.DEMO_REPAIRS] == [("linf-prune", {}), ("linf-prune", {"trigger": "oracle"})]
-    assert demo.repair_config("linf-prune", {}).data == config.data
+    # as a defender runs it (reversed trigger, auto budget), and with the real trigger, both on the `none` model
+    repairs = [(steps[name].config.defense.name, steps[name].config.defense.params) for name in suite.defenses[2:]]
+    assert repairs == [("linf-prune", {}), ("linf-prune", {"trigger": "oracle"})]
+    assert {steps[name].source for name in suite.defenses[2:]} == {steps["none"].folder / "model.safetensors"}
+    assert steps["linf-prune"].config.probe.size == 500 and steps["linf-prune"].config.data == config.data
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@
 
 A suite is a plain TOML (or YAML) file, filled into `BenchConfig` by the same machinery as every other config
 (`bdguard.config`): unknown keys and bad values are refused with their names. The shipped suites live in
-`bench/suites/` (`smoke`, `cpu`, `cifar-cpu`, `paper`); `--suite` takes one of their names or the path of a copy.
+`bench/suites/` (`smoke`, `cpu`, `cifar-cpu`, `paper`, `demo`); `--suite` takes one of their names or a copy's path.
 
 Per cell (attack A, defense D, seed k) the runs' settings are, in this order: the shared sections (`data`,
 `attack`, `train`, `probe`), then `[by_attack.A]` (attack options: target, mode, rate, params) and
@@ -52,10 +52,13 @@ class AttackSettings:
 
 @dataclass
 class DefenseSettings:
-    """`[by_defense.NAME]`: the defense's params, and `train` settings over the shared `[train]` for its cells."""
+    """`[by_defense.NAME]`: the defense's params, and `train` settings over the shared `[train]` for its cells.
+    With `defense`, NAME is a variant of that registered defense (e.g. `linf-prune-oracle`: linf-prune with
+    trigger = "oracle"), listed in `defenses` and named in the tables like any other."""
 
     params: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
+    defense: str | None = None
 
 
 @dataclass
@@ -99,7 +102,7 @@ class BenchConfig(RootConfig):
         for name in {*self.attacks, *self.by_attack}:
             ATTACKS.get(name)
         for name in {*self.defenses, *self.by_defense}:
-            DEFENSES.get(name)
+            DEFENSES.get(self.defense_name(name))
         check_model_options(self.train.model, self.train.model_kwargs)
         for attack in self.attacks:
             config = self.attack_config(attack, self.seeds[0])
@@ -126,8 +129,14 @@ class BenchConfig(RootConfig):
             params=dict(own.params),
         )
 
+    def defense_name(self, cell: str) -> str:
+        """The registered defense a cell name runs: its own, or the one its variant names."""
+        own = self.by_defense.get(cell)
+        return cell if own is None or own.defense is None else own.defense
+
     def defense_config(self, defense: str) -> DefenseConfig:
-        return DefenseConfig(name=defense, params=dict(self.by_defense.get(defense, DefenseSettings()).params))
+        params = dict(self.by_defense.get(defense, DefenseSettings()).params)
+        return DefenseConfig(name=self.defense_name(defense), params=params)
 
     def train_config(self, defense: str, seed: int) -> TrainConfig:
         return self._train(self.by_defense.get(defense, DefenseSettings()).train, f"by_defense.{defense}", seed)

@@ -43,14 +43,14 @@ def step_fingerprint(config: Any, *parents: str) -> str:
     return digest([settings_dict(config), *parents])
 
 
-def is_post_training(defense: str) -> bool:
-    return issubclass(DEFENSES.get(defense), PostTrainingDefense)
+def is_post_training(config: BenchConfig, defense: str) -> bool:
+    return issubclass(DEFENSES.get(config.defense_name(defense)), PostTrainingDefense)
 
 
 def defense_order(config: BenchConfig) -> list[str]:
     """The defenses of the grid: the suite's, with `none` first where post-training defenses or model-based
     detectors need its model."""
-    needs_model = any(is_post_training(name) for name in config.defenses) or any(
+    needs_model = any(is_post_training(config, name) for name in config.defenses) or any(
         DETECTORS.get(name).uses_model for name in config.detectors
     )
     implied = [UNDEFENDED] if needs_model and UNDEFENDED not in config.defenses else []
@@ -131,10 +131,11 @@ def plan(config: BenchConfig, out: str | Path) -> list[Step]:
             steps.append(Step("poison", attack, None, seed, folder, run, step_fingerprint(run)))
         for seed in config.seeds:
             trained: dict[str, Step] = {}
-            for defense in sorted(defenses, key=is_post_training):  # training-time ones first, `none` first of all
+            # training-time ones first, `none` first of all
+            for defense in sorted(defenses, key=lambda name: is_post_training(config, name)):
                 folder = cell_folder(out, attack, defense, seed)
                 analysis = _analysis(config, attack, defense, seed)
-                if not is_post_training(defense):
+                if not is_post_training(config, defense):
                     run = RunConfig(
                         data=config.data,
                         attack=config.attack_config(attack, seed),

@@ -11,7 +11,7 @@ from bdguard.config import parse_assignments, set_dotted
 from bdguard.errors import BdguardError
 
 DESCRIPTION = """\
-Run every (attack, defense, seed) cell of --suite (a shipped suite: smoke, cpu, cifar-cpu, paper; or the path of a
+Run every (attack, defense, seed) cell of --suite (a shipped suite: smoke, cpu, cifar-cpu, paper, demo; or the path of a
 copy of one, a TOML/YAML file) and write to --out:
   results.csv, results.json  one row per cell: BA, ASR, RA, detection TPR/FPR/AUROC, pruned fraction, seconds
   summary.csv                mean and std over seeds per (attack, defense); also in results.json
@@ -150,7 +150,9 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--suite", required=True, help="smoke, cpu, cifar-cpu, paper, or the path of a suite file")
+    parser.add_argument(
+        "--suite", required=True, help="smoke, cpu, cifar-cpu, paper, demo, or the path of a suite file"
+    )
     parser.add_argument("--attacks", help="comma-separated attacks, instead of the suite's")
     parser.add_argument("--defenses", help="comma-separated defenses, instead of the suite's")
     parser.add_argument("--detectors", help="comma-separated poisoned-sample detectors, instead of the suite's")

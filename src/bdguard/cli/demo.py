@@ -1,102 +1,69 @@
-"""`bdguard demo`: the quick-start on Fashion-MNIST (offline from Debian's package): a BadNets-poisoned training
-set trained undefended and with V&B, the undefended model repaired by l-inf pruning, and one table at the end."""
+"""`bdguard demo`: the quick-start, the shipped `demo` suite (bench/suites/demo.toml) run by the bench, and its one
+table: BadNets on Fashion-MNIST trained undefended and with V&B, the undefended model repaired by l-inf pruning."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from bdguard.attacks import AttackConfig
-from bdguard.data import DataConfig
-from bdguard.defenses import DefenseConfig
-from bdguard.progress import log
-from bdguard.runs.repair import RepairConfig, run_repair
-from bdguard.runs.train import RunConfig, run_train
-from bdguard.training import TrainConfig
+if TYPE_CHECKING:
+    from bdguard.bench import BenchConfig
 
-DEMO_DEFENSES = ("none", "vab")  # trained on the poisoned set
-# applied to the undefended model: (run folder, defense, settings). l-inf pruning as a defender runs it, with a trigger
-# reverse-engineered by Neural Cleanse, and with the attack's real trigger, the best that scoring can do
-DEMO_REPAIRS = (("linf-prune", "linf-prune", {}), ("linf-prune-oracle", "linf-prune", {"trigger": "oracle"}))
-# a third of Fashion-MNIST for ten epochs: the backdoor takes hold in the first two, the clean accuracy is near its
-# plateau (85 % undefended), and the demo stays a few CPU minutes
-TRAIN_SIZE = 20_000
-EPOCHS = 10
+SUITE = "demo"
 COLUMNS = ("defense", "BA", "ASR", "RA", "TPR", "FPR", "pruned", "seconds")
 NOT_APPLICABLE = "—"
 TABLE_WIDTH = 100
 
 
-def demo_data() -> DataConfig:
-    return DataConfig(dataset="fashion-mnist", train_size=TRAIN_SIZE)
+def demo_suite() -> BenchConfig:
+    from bdguard.bench import load_suite  # imported here, as `bdguard bench` does: the bench is heavy to import
 
-
-def demo_config(defense: str) -> RunConfig:
-    """BadNets at 10% on Fashion-MNIST with the small CNN: a backdoor that takes hold in a few CPU minutes. Both rows
-    train on the same poisoned set with the same one-cycle schedule; V&B with its defaults."""
-    return RunConfig(
-        data=demo_data(),
-        attack=AttackConfig(name="badnets", rate=0.1, target=0),
-        defense=DefenseConfig(name=defense),
-        train=TrainConfig(model="small-cnn", epochs=EPOCHS, batch_size=128, lr=0.05, schedule="onecycle"),
-    )
-
-
-def repair_config(defense: str, params: dict[str, Any]) -> RepairConfig:
-    """The defense with its defaults but `params` (linf-prune: the `auto` budget, a reversed trigger unless
-    trigger=oracle), on 500 held-out clean test images."""
-    return RepairConfig(data=demo_data(), defense=DefenseConfig(name=defense, params=params))
+    return load_suite(SUITE)
 
 
 def _share(value: float | None) -> str:
     return NOT_APPLICABLE if value is None else f"{value:.1%}"
 
 
-def demo_table(rows: Sequence[tuple[str, dict[str, Any]]]) -> Table:
-    """One row per run: BA, ASR and RA of its model, TPR/FPR of its poison detector on the training set (V&B's last
-    scoring round), the share of feature channels pruned, wall seconds; "—" where a column does not apply."""
-    title = f"BadNets 10% on {TRAIN_SIZE:,} Fashion-MNIST training images, small CNN"
+def demo_table(title: str, rows: Sequence[dict[str, Any]]) -> Table:
+    """One row per cell of the bench's table: BA, ASR and RA of its model, TPR/FPR of its poison detector on the
+    training set (V&B's last scoring round), the share of feature channels pruned, wall seconds; "—" where a column
+    does not apply. A repair's row is named after the model it repairs."""
     table = Table(title=title, box=box.SIMPLE_HEAD)
     for column in COLUMNS:
         table.add_column(column, justify="right")
-    for name, r in rows:
-        detector = r.get("detector") or {}
+    for row in rows:
+        name = row["defense"] if row["ba_before"] is None else f"none + {row['defense']}"
         table.add_row(
             name,
-            _share(r["ba"]),
-            _share(r["asr"]),
-            _share(r["ra"]),
-            _share(detector.get("tpr")),
-            _share(detector.get("fpr")),
-            _share(r.get("pruned_fraction")),
-            f"{r['seconds']:.0f}",
+            _share(row["ba"]),
+            _share(row["asr"]),
+            _share(row["ra"]),
+            _share(row["tpr"]),
+            _share(row["fpr"]),
+            _share(row["pruned_fraction"]),
+            f"{row['seconds']:.0f}",
         )
     return table
 
 
 def run_demo(out: Path, quiet: bool = False) -> int:
-    rows = []
-    for defense in DEMO_DEFENSES:
-        log(f"demo: training with defense '{defense}' -> {out / defense}")
-        rows.append((defense, run_train(demo_config(defense), out / defense, resume=True, quiet=quiet)))
-    for name, defense, params in DEMO_REPAIRS:
-        done = out / name / "results.json"
-        if done.exists():  # the repair of an earlier demo run: as `train --resume` does for a finished run
-            results = json.loads(done.read_text())
-        else:
-            log(f"demo: repairing the undefended model with '{defense}' {params or ''} -> {out / name}")
-            config = repair_config(defense, params)
-            results = run_repair(config, out / "none" / "model.safetensors", out / name, quiet=quiet)
-        rows.append((f"none + {name}", results))
+    from bdguard.bench import run_bench
+
+    config = demo_suite()
+    results = run_bench(config, out, quiet=quiet)
+    rows = [row for row in results["cells"] if row["status"] == "done"]
     # rich assumes 80 columns when stdout is a pipe or a file: too narrow for the table's eight columns
-    Console(highlight=False, width=max(TABLE_WIDTH, Console().width)).print(demo_table(rows))
+    console = Console(highlight=False, width=max(TABLE_WIDTH, Console().width))
+    console.print(demo_table(config.description.split(":")[0], rows))
     print("A repaired model is evaluated on the test images outside the 500 clean ones its defense saw.")
-    folders = [*DEMO_DEFENSES, *(name for name, _, _ in DEMO_REPAIRS)]
-    print(f"results: {', '.join(str(out / folder / 'results.json') for folder in folders)}")
-    return 0
+    print(f"results: {out / 'results.csv'}; every run's folder under {out / 'cells'}")
+    failed = [row for row in results["cells"] if row["status"] == "failed"]
+    for row in failed:
+        print(f"failed: {row['defense']}: {row['error']}")
+    return 1 if failed else 0
