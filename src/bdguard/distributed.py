@@ -160,6 +160,14 @@ def lost_peer(exc: BaseException) -> bool:
     return isinstance(exc, getattr(dist, "DistError", ())) or any(word in text for word in ("gloo", "NCCL"))
 
 
+def finish() -> None:
+    """Every rank waits here for the others after a command that succeeded: a rank that tore the process group down
+    while the main one was still evaluating and writing aborted in the teardown now and then (gloo, "terminate
+    called without an active exception"), and the launcher then stopped the whole job."""
+    if active():
+        dist.barrier()
+
+
 def stop() -> None:
     """Leave the process group (a no-op without one). After a lost peer the teardown itself may fail; the
     process is ending then, with its error already said."""

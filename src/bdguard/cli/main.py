@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         command = args.command
         if distributed.launched() and args.command != "train":  # the other commands would write N times over
             raise BdguardError(f"only `bdguard train` runs under torchrun, not `bdguard {args.command}`")
-        return args.handler(args)
+        code = args.handler(args)
+        distributed.finish()
+        return code
     except BdguardError as exc:
         _report(exc)
         return 2
