@@ -204,7 +204,7 @@ def test_the_report_is_one_self_contained_page_that_renders(smoke_bench, tmp_pat
     assert "<script" not in page and 'src="http' not in page and 'href="http' not in page  # nothing from a network
     assert page.count('src="data:image/png;base64,') >= 8 * 3 + 2  # per cell: curves and analysis; galleries
     # each detecting defense's detector figure, from what it returned (V&B's rounds and ROC, ABL's ROC)
-    detectors = ("vab&#x27;s detector: TPR", "abl&#x27;s detector: TPR")
+    detectors = ("vab&#x27;s detector: TPR", "abl&#x27;s detector: ROC of its final score")
     texts = ("badnets", "fine-pruning", "bdguard repair --model", "torch ", "Trigger galleries", *detectors)
     for text in (*texts, "Poisoned-sample detection", "activation-clustering"):
         assert text in page, text

@@ -158,4 +158,4 @@ def test_a_new_detecting_defense_gets_its_roc_curve_and_series_without_naming_va
     # the figure is drawn from scores.csv: without it (or its ground truth) there is none
     (run / "scores.csv").unlink()
     code, _, err = run_cli(capsys, "report", str(run), "--out", str(out))
-    assert code == 0 and "s detector: TPR" not in out.read_text(), err
+    assert code == 0 and "s detector:" not in out.read_text(), err

@@ -20,12 +20,13 @@ DETECTOR_KEYS = ("flagged", "tpr", "fpr", "precision", "auroc", "auprc")  # a de
 NUMBERS = ("ba", "asr", "ra", "seconds")  # what the tables compute with
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A finite int or float read from JSON (a bool is not one)."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _number(value: Any) -> float | None:
-    return value if _is_number(value) else None
+    return value if is_number(value) else None
 
 
 def _integer(value: Any) -> int | None:

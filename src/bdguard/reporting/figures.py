@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from matplotlib.ticker import MaxNLocator
 
 from bdguard.plotting import new_figure
 from bdguard.reporting.files import read_jsonl, regular_file
+from bdguard.results import is_number
 
 TRUTH = "poison_mask.npy"  # which training samples were poisoned: ground truth, read by reports only
 
@@ -26,14 +26,10 @@ def png_bytes(figure) -> bytes:
     return buffer.getvalue()
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def training_curve(rows: list[dict[str, Any]], title: str, series: dict[str, str]) -> bytes | None:
     """BA, ASR and RA after every epoch, and the defense's own `series` (metrics.jsonl key -> label) dashed; None
     when there is nothing to draw."""
-    rows = [row for row in rows if _number(row.get("epoch")) and _number(row.get("ba"))]
+    rows = [row for row in rows if is_number(row.get("epoch")) and is_number(row.get("ba"))]
     if not rows:
         return None
     figure = new_figure(5.0, 3.0)
@@ -42,7 +38,7 @@ def training_curve(rows: list[dict[str, Any]], title: str, series: dict[str, str
     drawn = [("ba", "BA", "-"), ("asr", "ASR", "-"), ("ra", "RA", "-")]
     drawn += [(key, label, "--") for key, label in series.items()]
     for key, label, style in drawn:
-        values = [row.get(key) if _number(row.get(key)) else None for row in rows]
+        values = [row.get(key) if is_number(row.get(key)) else None for row in rows]
         if any(v is not None for v in values):
             ax.plot(epochs, [np.nan if v is None else 100 * v for v in values], style, marker="o", label=label)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -60,7 +56,7 @@ def detector_curves(folder: Path, rounds_file: str | None, scores_file: str | No
     when neither is."""
     rounds = []
     if rounds_file is not None:
-        rounds = [row for row in read_jsonl(folder, folder / rounds_file) if _number(row.get("round"))]
+        rounds = [row for row in read_jsonl(folder, folder / rounds_file) if is_number(row.get("round"))]
     roc = _final_roc(folder, scores_file) if scores_file is not None else None
     if not rounds and roc is None:
         return None
@@ -71,7 +67,7 @@ def detector_curves(folder: Path, rounds_file: str | None, scores_file: str | No
         ax = axes.pop(0)
         number = [row["round"] for row in rounds]
         for key, label in (("tpr", "TPR"), ("fpr", "FPR"), ("auroc", "AUROC")):
-            values = [row[key] if _number(row.get(key)) else np.nan for row in rounds]
+            values = [row[key] if is_number(row.get(key)) else np.nan for row in rounds]
             ax.plot(number, values, marker="o", label=label)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("scoring round")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import math
 import platform
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from bdguard.io import write_text
 from bdguard.progress import log
 from bdguard.reporting.figures import detector_curves, training_curve
 from bdguard.reporting.files import folder_inside, pngs, read_bytes, read_json_dict, read_json_file, read_jsonl
-from bdguard.results import DetectionResult, RunResult
+from bdguard.results import DetectionResult, RunResult, is_number
 from bdguard.stats import mean_std
 
 # the figures of the poisoning gallery and of `analyze`; a defense's come captioned in its results.json (`figures`)
@@ -233,10 +232,6 @@ def _esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _part(results: dict[str, Any], key: str) -> dict[str, Any]:
     """A nested table of a results.json; {} when it is missing or of another type (a damaged file)."""
     value = results.get(key)
@@ -244,7 +239,7 @@ def _part(results: dict[str, Any], key: str) -> dict[str, Any]:
 
 
 def _pct(value: Any) -> str:
-    return f"{100 * value:.1f}%" if _number(value) else "–"
+    return f"{100 * value:.1f}%" if is_number(value) else "–"
 
 
 def _data_uri(png: bytes) -> str:
@@ -346,7 +341,7 @@ ROW_KEYS: tuple[tuple[str, Callable[[RunResult], str]], ...] = (
 
 
 def _fmt3(value: Any) -> str:
-    return f"{value:.3f}" if _number(value) else "–"
+    return f"{value:.3f}" if is_number(value) else "–"
 
 
 def _rows_table(entries: list[Entry]) -> str:
@@ -386,7 +381,9 @@ def _entry_details(entry: Entry) -> str:
         figures.append(_figure(png, "training: BA, ASR and RA after every epoch"))
     detector = detector_curves(entry.folder, r.plots.rounds, r.plots.scores)
     if detector:
-        caption = f"{entry.defense}'s detector: TPR, FPR, AUROC per scoring round; ROC of its final score"
+        parts = ["TPR, FPR, AUROC per scoring round"] if r.plots.rounds else []
+        parts += ["ROC of its final score"] if r.plots.scores else []
+        caption = f"{entry.defense}'s detector: {'; '.join(parts)}"
         figures.append(_figure(detector, caption))
     figures += _pngs(entry.folder, declared=r.figures)
     if entry.analysis is not None:
@@ -414,7 +411,7 @@ def _detection_table(rows: list[dict[str, Any]]) -> str:
             mine = [row for row in done if row["attack"] == attack and row["detector"] == detector]
 
             def mean(key: str, mine=mine) -> float | None:
-                return mean_std([row[key] for row in mine if _number(row.get(key))])[0]
+                return mean_std([row[key] for row in mine if is_number(row.get(key))])[0]
 
             auroc = mean("auroc")
             colour = "" if auroc is None else f' style="background:{_hue_colour(max(0.0, 2 * auroc - 1))}"'

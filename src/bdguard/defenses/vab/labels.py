@@ -177,9 +177,7 @@ def label_split(
     if not attacked.any():
         return flagged
     inside = attacked[labels]
-    contradicted = predicted != labels
-    if rule.check_flags == "diverse":
-        contradicted &= predicted != look_alikes(labels, predicted, ~flagged, attacked.numel())[labels]
+    contradicted = disputed(labels, predicted, ~flagged, attacked.numel(), rule.check_flags == "diverse")
     checked = rule.check_flags != "off"
     if rule.within == "otsu":
         if entropy is None:
