@@ -6,6 +6,7 @@ The data-pipeline share is measured by running exactly the trainer's per-batch i
 tensor, crop/flip, convert to float) over a whole epoch's batches on its own, and dividing by a full epoch's time.
 
     python benchmarks/throughput.py --dataset cifar10 --data-root ../shared/data/cifar10-jpeg.tar.xz --model resnet20
+    python benchmarks/throughput.py --dataset cifar10 --train-size 5000 --model torchvision:resnet18 --threads 2
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="cifar10")
     parser.add_argument("--data-root")
-    parser.add_argument("--model", default="resnet20")
+    parser.add_argument("--model", default="resnet20", help="an architecture, e.g. resnet18 or torchvision:resnet18")
+    parser.add_argument("--train-size", type=int, help="time an epoch of this many training images (a seeded subset)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=1, help="timed training epochs")
     parser.add_argument("--device", default="auto")
@@ -47,7 +49,8 @@ def main() -> None:
         channels_last=not args.no_channels_last,
     )
     device = resolve_device(config.device)
-    bundle = prepare_data(DataConfig(dataset=args.dataset, data_root=args.data_root), device)
+    data = DataConfig(dataset=args.dataset, data_root=args.data_root, train_size=args.train_size)
+    bundle = prepare_data(data, device)
     model = build_model(args.model, bundle.num_classes, bundle.image_shape[0], bundle.mean, bundle.std).to(device)
     train = bundle.train
     steps = steps_per_epoch(len(train), config.batch_size)

@@ -147,19 +147,19 @@ def test_plot_prune_draws_the_curves_of_a_pruned_model(pruned, tmp_path):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without torch.distributed")
-def test_scale_out_runs_each_executor_and_torchrun(tmp_path):
-    pytest.importorskip("ray")
+def test_scale_out_runs_the_executors_and_torchrun(tmp_path):
+    """The smoke's four commands (the Ray bench and V&B on two ranks run in test_bench and test_distributed)."""
     out = tmp_path / "scale-out"
     done = _smoke("scale_out.sh", OUT=str(out))
-    assert done.stderr.count("\nreal\t") == 7  # bash's `time` of each command
+    assert done.stderr.count("\nreal\t") == 4  # bash's `time` of each command
     tables = []
-    for executor in ("serial", "local2", "ray2"):
+    for executor in ("serial", "local2"):
         with open(out / f"smoke-{executor}" / "results.csv", newline="") as handle:
             tables.append([(row["attack"], row["defense"], row["status"], row["ba"]) for row in csv.DictReader(handle)])
-    assert tables[0] == tables[1] == tables[2] and [row[:3] for row in tables[0]] == [("badnets", "none", "done")]
-    for run, processes in (("none-1proc", 1), ("none-2ranks", 2), ("vab-1proc", 1), ("vab-2ranks", 2)):
+    assert tables[0] == tables[1] and [row[:3] for row in tables[0]] == [("badnets", "none", "done")]
+    for run, processes in (("none-1proc", 1), ("none-2ranks", 2)):
         results = _results(out / run)
-        assert results["defense"] == run.split("-")[0] and results["environment"]["processes"] == processes
+        assert results["defense"] == "none" and results["environment"]["processes"] == processes
 
 
 @pytest.fixture(scope="module")

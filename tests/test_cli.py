@@ -49,6 +49,7 @@ def test_listings(capsys):
     assert code == 0 and "none" in out
     code, out, _ = run_cli(capsys, "models")
     assert code == 0 and "resnet20" in out and "preact-resnet18" in out
+    assert "torchvision:" in out and "timm:" in out  # the model sources (a narrow console cuts their text)
 
 
 @pytest.mark.parametrize(

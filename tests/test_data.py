@@ -419,7 +419,8 @@ def test_cifar10_default_search_and_status(tmp_path, monkeypatch):
         load_dataset(DataConfig("cifar10"))
     assert str(tmp_path / "data") in str(error.value) and "--data-root" in str(error.value)
     rows = {row["name"]: row for row in dataset_status()}
-    assert set(rows) == {"cifar10", "digits", "fashion-mnist", "gtsrb", "imagefolder:<path>", "synthetic"}
+    named = {"imagefolder:<path>", "hf:<path>", "memory:<name>"}
+    assert set(rows) == {"cifar10", "digits", "fashion-mnist", "gtsrb", "synthetic", *named}
     assert not rows["cifar10"]["available"] and "download" in rows["cifar10"]["where"]
     assert not rows["fashion-mnist"]["available"]
     assert rows["synthetic"]["available"] and rows["digits"]["available"]
@@ -552,7 +553,8 @@ def test_gtsrb_from_folder_and_archive(tmp_path):
 
 
 def test_bad_names_paths_and_parameters(tmp_path):
-    assert set(DATASETS.names()) == {"cifar10", "digits", "fashion-mnist", "gtsrb", "imagefolder", "synthetic"}
+    named = {"imagefolder", "hf", "memory"}
+    assert set(DATASETS.names()) == {"cifar10", "digits", "fashion-mnist", "gtsrb", "synthetic", *named}
     with pytest.raises(BdguardError, match="did you mean 'cifar10'"):
         load_dataset(DataConfig("cifar-10"))
     with pytest.raises(BdguardError, match="takes no"):

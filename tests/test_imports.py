@@ -66,7 +66,7 @@ LAYERS = [
     {"defenses"},
     {"detectors"},
     {"runs"},
-    {"bench"},
+    {"bench", "api"},
     {"cli", "__main__"},
 ]
 

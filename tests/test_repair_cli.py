@@ -118,7 +118,7 @@ def test_the_baselines_run_from_the_cli(defense, model_file, tmp_path, capsys):
         (["--dataset", "digits"], "expects 10 classes of (3, 16, 16) images"),
         (["--probe-size", "500"], "leaves no test images"),
         (["--probe-size", "0"], "probe.size must be in"),
-        (["--probe-source", "/nonexistent/folder"], "probe.source must be 'test-holdout' or a folder"),
+        (["--probe-source", "/nonexistent/folder"], "probe.source must be 'test-holdout', 'train-split' or a folder"),
         (["--set", "norm=3"], "linf-prune.norm must be one of"),
         (["--set", "budget=count", "--set", "count=1000"], "but the feature map has 128 channels"),
         (["--set", "trigger=oracle", "--attack", "none"], "trigger=oracle needs an attack with a trigger"),

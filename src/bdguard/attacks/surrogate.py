@@ -45,7 +45,7 @@ def clean_model(
     steps = steps_per_epoch(len(bundle.train), config.batch_size)
     trainer = Trainer(model, config, device, make_augment(config, bundle.flip), steps)
     fit(trainer, bundle.train, lambda m: {}, quiet=quiet)
-    meta = model_meta(bundle, config, {"train": to_dict(config), "purpose": "clean surrogate"})
+    meta = model_meta(model, bundle, {"train": to_dict(config), "purpose": "clean surrogate"})
     save_model(model.to(memory_format=torch.contiguous_format).eval(), path, meta)
     return model.eval()
 

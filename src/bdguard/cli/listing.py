@@ -90,10 +90,18 @@ def list_detectors() -> int:
     return 0
 
 
+SOURCES = {  # the model sources of MODELS, as `bdguard models` shows them
+    "torchvision": "any classification model of torchvision.models (option weights: a torchvision weights name)",
+    "timm": "any model of timm.create_model, pip install 'bdguard[timm]' (option pretrained: true)",
+}
+
+
 def list_models() -> int:
     table = _table("model", "description")
     for name in MODELS:
         doc = (MODELS.get(name).__doc__ or "").strip().splitlines()
         table.add_row(name, doc[0] if doc else "")
+    for prefix in sorted(MODELS.sources):
+        table.add_row(f"{prefix}:NAME", SOURCES.get(prefix, ""))
     _console.print(table)
     return 0

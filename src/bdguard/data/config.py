@@ -26,6 +26,10 @@ class DataConfig:
     # (`bdguard detect`'s flagged.npy) or of sample indices, or a text file of file names (a set read from files,
     # named as in detect's scores.csv). The practitioner's retraining without what was flagged.
     exclude: str | None = None
+    # hf:<path> only: the columns that hold the images and the labels; None = found by their features (Image,
+    # ClassLabel)
+    image_column: str | None = None
+    label_column: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.dataset, str) or not self.dataset.strip():
@@ -41,6 +45,10 @@ class DataConfig:
                 f"image_size must be an integer from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}, got {self.image_size!r}"
             )
 
+        for key in ("image_column", "label_column"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise BdguardError(f"{key} must be a column name, got {value!r}")
         if self.train_size is not None and (
             isinstance(self.train_size, bool) or not isinstance(self.train_size, int) or self.train_size < 1
         ):

@@ -128,6 +128,6 @@ def dataset_status() -> list[dict[str, Any]]:
     for name in DATASETS.names():
         source = DATASETS.get(name)(DataConfig(dataset=name))
         available, where = source.status()
-        shown = f"{name}:<path>" if source.takes_arg() else name
+        shown = f"{name}:{source.argument}" if source.takes_arg() else name
         rows.append({"name": shown, "description": source.description, "available": available, "where": where})
     return rows

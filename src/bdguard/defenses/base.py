@@ -110,6 +110,9 @@ class Defense(ABC):
     stage: ClassVar[Literal["training", "post-training"]]
     Params: ClassVar[type] = NoParams
     presets: ClassVar[dict[str, dict[str, Any]]] = {}  # named sets of settings, chosen by the setting `preset`
+    # reads the model's last convolutional feature map (`BackdoorModel.features`): refused up front for a network
+    # without one (a vision transformer)
+    reads_feature_map: ClassVar[bool] = False
 
     def __init__(self, config: DefenseConfig) -> None:
         self.config = config

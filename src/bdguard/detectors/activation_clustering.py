@@ -60,6 +60,7 @@ class ActivationClustering(Detector):
     name = "activation-clustering"
     description = "Activation Clustering (Chen et al., 2019): per label, ICA then 2-means; a small cluster is poison"
     uses_model = True
+    reads_feature_map = True
     Params = ActivationClusteringParams
 
     def detect(self, job: DetectionJob) -> Detection:

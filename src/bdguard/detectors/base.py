@@ -51,6 +51,8 @@ class Detector(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     uses_model: ClassVar[bool]  # inspects `job.model()` (else it trains what it needs itself)
+    reads_feature_map: ClassVar[bool] = False  # reads the model's feature map (refused for a network without one)
+    reads_held_out: ClassVar[bool] = False  # draws its threshold from the clean test split (`job.bundle.test`)
     Params: ClassVar[type] = NoParams
 
     def __init__(self, config: DetectorConfig) -> None:

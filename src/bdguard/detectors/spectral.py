@@ -53,6 +53,7 @@ class Spectral(Detector):
         "Spectral Signatures (Tran et al., NeurIPS 2018): per label, the top singular direction of the features"
     )
     uses_model = True
+    reads_feature_map = True
     Params = SpectralParams
 
     def detect(self, job: DetectionJob) -> Detection:

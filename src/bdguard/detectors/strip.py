@@ -73,6 +73,7 @@ class Strip(Detector):
     name = "strip"
     description = "STRIP (Gao et al., ACSAC 2019): prediction entropy under superimposed clean images"
     uses_model = True
+    reads_held_out = True
     Params = StripParams
 
     def detect(self, job: DetectionJob) -> Detection:

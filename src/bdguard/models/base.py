@@ -25,6 +25,8 @@ class BackdoorModel(nn.Module):
     whatever it is, it reads only the pooled map, which is what lets pruning curves skip the convolutions.
     """
 
+    has_feature_map = True  # False for an adapted network without a spatial map (a vision transformer)
+
     def __init__(
         self,
         num_classes: int,
@@ -33,6 +35,7 @@ class BackdoorModel(nn.Module):
         std: Sequence[float],
         feature_channels: int,
         hidden: int = 0,
+        own_head: bool = True,
     ) -> None:
         super().__init__()
         check_positive_int("num_classes", num_classes)
@@ -45,28 +48,38 @@ class BackdoorModel(nn.Module):
             raise BdguardError(f"mean must be finite and std finite and > 0, got mean={list(mean)} std={list(std)}")
         self.num_classes = num_classes
         self.in_channels = in_channels
+        # what rebuilds it: build_model sets the registered name and the options it was given
+        self.architecture = type(self).__name__
+        self.options: dict[str, Any] = {}
         self.feature_channels = feature_channels
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("feature_mask", torch.ones(feature_channels))
-        self.hidden = (
-            nn.Sequential(nn.Linear(feature_channels, hidden), nn.ReLU(), nn.Dropout(0.5)) if hidden else nn.Identity()
-        )
-        self.fc = nn.Linear(hidden or feature_channels, num_classes)
+        if own_head:  # an adapted network brings its own (models/adapted.py)
+            self.hidden = (
+                nn.Sequential(nn.Linear(feature_channels, hidden), nn.ReLU(), nn.Dropout(0.5))
+                if hidden
+                else nn.Identity()
+            )
+            self.fc = nn.Linear(hidden or feature_channels, num_classes)
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         """The last conv feature map (after its activation) of normalised images."""
         raise NotImplementedError
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) float images in [0, 1] -> (N, feature_channels, h, w), with `feature_mask` applied."""
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) float images in [0, 1], normalised with the model's own statistics."""
         # uint8 images would silently be normalised on the 0-255 scale; refuse them where the mistake happens
         if not x.is_floating_point() or x.dim() != 4 or x.shape[1] != self.in_channels:
             raise BdguardError(
                 f"model expects float images in [0, 1] of shape (N, {self.in_channels}, H, W), "
                 f"got {x.dtype} {tuple(x.shape)}"
             )
-        f = self._features((x - self.mean) / self.std)
+        return (x - self.mean) / self.std
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) float images in [0, 1] -> (N, feature_channels, h, w), with `feature_mask` applied."""
+        f = self._features(self.normalise(x))
         # the mask acts on the output, not the conv weights: in a ResNet no single conv owns a channel of the sum
         return f * self.feature_mask.to(f.dtype).view(1, -1, 1, 1)
 
@@ -86,7 +99,46 @@ class BackdoorModel(nn.Module):
 
 ModelBuilder = Callable[..., BackdoorModel]
 # builders are called as builder(num_classes, in_channels, mean, std, **options)
-MODELS: Registry[ModelBuilder] = Registry("model")
+# options that only choose a model's initial weights (downloaded ones): moot, and never applied, when the weights
+# come from a model file
+INITIAL_WEIGHT_OPTIONS = frozenset({"weights", "pretrained"})
+
+
+class ModelRegistry(Registry[ModelBuilder]):
+    """bdguard's own architectures by name, plus sources of other libraries' networks named "SOURCE:NAME"
+    (`torchvision:resnet18`, `timm:resnet18`): a source turns NAME into a builder, or refuses it in one line."""
+
+    def __init__(self) -> None:
+        super().__init__("model")
+        self.sources: dict[str, Callable[[str], ModelBuilder]] = {}
+
+    def add_source(self, prefix: str, resolve: Callable[[str], ModelBuilder]) -> None:
+        if prefix in self.sources:
+            raise ValueError(f"model source {prefix!r} is registered twice")
+        self.sources[prefix] = resolve
+
+    def get(self, name: str) -> ModelBuilder:
+        prefix, sep, rest = name.partition(":")
+        if not sep:
+            return super().get(name)
+        if prefix not in self.sources:
+            known = ", ".join(f"{source}:NAME" for source in sorted(self.sources))
+            raise BdguardError(f"unknown model source {prefix!r} in {name!r}; known: {known}")
+        if not rest:
+            raise BdguardError(f"{name!r} names no model: write {prefix}:NAME")
+        return self.sources[prefix](rest)
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str):
+            return False
+        try:
+            self.get(name)
+        except BdguardError:
+            return False
+        return True
+
+
+MODELS = ModelRegistry()
 
 
 def check_model_options(name: str, options: Mapping[str, Any]) -> Callable[..., BackdoorModel]:
@@ -113,7 +165,25 @@ def build_model(
         key: coerce(value, hints[key], f"model option {key}") if key in hints else value
         for key, value in kwargs.items()
     }
-    return builder(num_classes, in_channels, mean, std, **typed)
+    model = builder(num_classes, in_channels, mean, std, **typed)
+    model.architecture, model.options = name, typed
+    return model
+
+
+def sized_model(name: str, options: Mapping[str, Any]) -> BackdoorModel:
+    """Architecture `name` built on the meta device (no memory, no data, no download): what it is, not its weights."""
+    kept = {key: value for key, value in options.items() if key not in INITIAL_WEIGHT_OPTIONS}
+    with torch.device("meta"):
+        return build_model(name, 2, 3, (0.0,) * 3, (1.0,) * 3, **kept)
+
+
+def require_feature_map(model: BackdoorModel, method: str) -> None:
+    """Refuse, before any work, a model without a convolutional feature map for a method that reads one."""
+    if not model.has_feature_map:
+        raise BdguardError(
+            f"{method} reads the model's last convolutional feature map, and {model.architecture} has none (a vision "
+            "transformer?); use a convolutional network, or a method that needs only the logits"
+        )
 
 
 def init_weights(module: nn.Module) -> None:

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from bdguard.config import MAX_DEPTH, nesting_depth
 from bdguard.errors import BdguardError
 from bdguard.io import atomic_path, write_text
-from bdguard.models.base import BackdoorModel, build_model
+from bdguard.models.base import INITIAL_WEIGHT_OPTIONS, BackdoorModel, build_model
 
 HEADER_KEY = "bdguard"
 RECORDS = ("attack", "defense", "train", "repair")  # what bdguard records in `extra`: each a table of settings
@@ -184,10 +184,11 @@ def _build(meta: ModelMeta) -> BackdoorModel:
     """The architecture the metadata names, sized on the meta device first (no memory), so a sidecar that asks for
     an absurd width is refused before anything is allocated."""
 
+    # the weights come from the file: an option that would download initial ones is moot
+    options = {key: value for key, value in meta.arch_kwargs.items() if key not in INITIAL_WEIGHT_OPTIONS}
+
     def make() -> BackdoorModel:
-        return build_model(
-            meta.architecture, meta.num_classes, meta.input_shape[0], meta.mean, meta.std, **meta.arch_kwargs
-        )
+        return build_model(meta.architecture, meta.num_classes, meta.input_shape[0], meta.mean, meta.std, **options)
 
     with torch.device("meta"):
         count = sum(p.numel() for p in make().parameters())

@@ -28,6 +28,7 @@ from bdguard.defenses.pruning.report import STAT_NAMES, plot_norms
 from bdguard.errors import BdguardError
 from bdguard.io import json_safe, write_json
 from bdguard.models import BackdoorModel, load_model
+from bdguard.models.base import require_feature_map
 from bdguard.progress import log
 from bdguard.runs.common import environment, recorded_attack, set_up, use_device
 from bdguard.runs.folder import claim, run_folder
@@ -103,6 +104,8 @@ def run_analyze(
     if clean_model_path is not None:
         loaded = {"clean-trained": (*load_model(clean_model_path, device), clean_model_path), **loaded}
     models = [(name, m) for name, (m, _, _) in loaded.items()]
+    for m in (model for _, model in models):  # Grad-CAM and the norms read the map
+        require_feature_map(m, "analyze")
     attack_config = config.attack or recorded_attack(meta)
     check_attack(attack_config)  # before the data set loads
     if not ATTACKS.get(attack_config.name).has_trigger and params.trigger == "oracle":

@@ -29,7 +29,7 @@ from bdguard.detectors import Detection, DetectionJob, DetectorConfig, build_det
 from bdguard.errors import BdguardError
 from bdguard.io import write_array, write_json
 from bdguard.models import BackdoorModel, load_model
-from bdguard.models.base import check_model_options
+from bdguard.models.base import check_model_options, require_feature_map, sized_model
 from bdguard.results import DetectionResult
 from bdguard.runs.common import (
     MODEL,
@@ -102,6 +102,17 @@ def run_detect(
 ) -> dict[str, Any]:
     """Score the training set of `config` with its detector and write the detection folder `out`. `poison_store`
     as in `run_train`: the bench's detections read the very set its cells trained on."""
+    return detect_to_folder(config, out, model_path, quiet, poison_store)[0]
+
+
+def detect_to_folder(
+    config: DetectConfig,
+    out: str | Path,
+    model_path: str | Path | None = None,
+    quiet: bool = False,
+    poison_store: str | Path | None = None,
+) -> tuple[dict[str, Any], Detection]:
+    """`run_detect`, which also returns the detection itself (bdguard.api hands its scores over)."""
     out = Path(out)
     model_path = None if model_path is None else Path(model_path)
     detector = build_detector(config.detector)  # an unknown name or a bad setting fails before the data loads
@@ -111,6 +122,8 @@ def run_detect(
         raise BdguardError(f"--model {model_path} is not a file")
     check_before_loading(config.data, config.attack)
     check_model_options(config.train.model, config.train.model_kwargs)  # what it trains, if it trains
+    if detector.reads_feature_map and model_path is None:
+        require_feature_map(sized_model(config.train.model, config.train.model_kwargs), f"detector {detector.name}")
     with run_folder(out, "detect", to_dict(config), model_path):
         device = use_device(config.train)
         began = time.perf_counter()
@@ -118,7 +131,9 @@ def run_detect(
         bundle, attack, poisoned = run.bundle, run.attack, run.poisoned
         model = _model_source(config, model_path, out, device, quiet, bundle, poison_store)
         if model_path is not None:
-            model()  # refuses a model of another data set before minutes of scoring (and keeps it)
+            loaded = model()  # refuses a model of another data set before minutes of scoring (and keeps it)
+            if detector.reads_feature_map:
+                require_feature_map(loaded, f"detector {detector.name}")
         job = DetectionJob(
             data=poisoned.train,
             bundle=bundle,
@@ -150,7 +165,7 @@ def run_detect(
         results = record.to_json()
         _write_outputs(out, config, detection, poisoned.train, bundle.classes, truth)
         write_json(out / RESULTS, results)  # last: a results.json means the folder is complete
-    return results
+    return results, detection
 
 
 def _check(detection: Detection, size: int, name: str) -> None:

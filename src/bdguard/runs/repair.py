@@ -24,6 +24,7 @@ from bdguard.defenses import DefenseConfig, PostTrainingDefense, RepairJob, buil
 from bdguard.errors import BdguardError
 from bdguard.io import write_json
 from bdguard.models import BackdoorModel, ModelMeta, load_model, save_model
+from bdguard.models.base import require_feature_map
 from bdguard.progress import log
 from bdguard.results import RunResult, Scores
 from bdguard.runs.common import (
@@ -39,13 +40,15 @@ from bdguard.runs.folder import claim, run_folder
 from bdguard.training import Evaluator, TrainConfig
 
 TEST_HOLDOUT = "test-holdout"
+TRAIN_SPLIT = "train-split"  # the data set's training split is the defender's clean data (bdguard.api's probe set)
 DEFAULT_DEFENSE = "linf-prune"
 
 
 @dataclass
 class ProbeConfig:
     size: int = 500
-    source: str = TEST_HOLDOUT  # or a folder of class sub-folders (imagefolder layout) of clean images
+    # or TRAIN_SPLIT, or a folder of class sub-folders (imagefolder layout) of clean images
+    source: str = TEST_HOLDOUT
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -90,17 +93,16 @@ def read_probe_folder(config: ProbeConfig, bundle: DataBundle) -> ImageSet:
     data set's classes, resized to the data set's image size."""
     folder = Path(config.source).expanduser()
     if not folder.is_dir():
-        raise BdguardError(f"probe.source must be {TEST_HOLDOUT!r} or a folder of class sub-folders; got {folder}")
+        raise BdguardError(
+            f"probe.source must be {TEST_HOLDOUT!r}, {TRAIN_SPLIT!r} or a folder of class sub-folders; got {folder}"
+        )
     channels, height, width = bundle.image_shape
     decoder = ImageDecoder(height if height == width else None, allow_gray=channels == 1)
     images, labels, _ = read_labelled_dir(folder, list(bundle.classes), decoder)
     probe = ImageSet(torch.from_numpy(images), torch.from_numpy(labels))
     if probe.image_shape != bundle.image_shape:
         raise BdguardError(f"probe images in {folder} are {probe.image_shape}; the model takes {bundle.image_shape}")
-    if len(probe) > config.size:
-        generator = torch.Generator().manual_seed(config.seed)
-        probe = probe.subset(torch.randperm(len(probe), generator=generator)[: config.size])
-    return probe.to(bundle.test.device)
+    return seeded_share(probe, config).to(bundle.test.device)
 
 
 def take_probe(bundle: DataBundle, config: ProbeConfig) -> tuple[ImageSet, ImageSet]:
@@ -108,7 +110,17 @@ def take_probe(bundle: DataBundle, config: ProbeConfig) -> tuple[ImageSet, Image
     test set."""
     if config.source == TEST_HOLDOUT:
         return split_probe(bundle.test, config)
+    if config.source == TRAIN_SPLIT:
+        return seeded_share(bundle.train, config), bundle.test
     return read_probe_folder(config, bundle), bundle.test
+
+
+def seeded_share(images: ImageSet, config: ProbeConfig) -> ImageSet:
+    """Up to `config.size` of `images`, a seeded choice."""
+    if len(images) <= config.size:
+        return images
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(config.seed))
+    return images.subset(order[: config.size].to(images.device))
 
 
 def run_repair(config: RepairConfig, model_path: str | Path, out: str | Path, quiet: bool = False) -> dict[str, Any]:
@@ -125,6 +137,8 @@ def run_repair(config: RepairConfig, model_path: str | Path, out: str | Path, qu
         raise BdguardError(f"defense {defense.name} trains a model: use `bdguard train --defense {defense.name}`")
     device = use_device(config.train)
     model, meta = load_model(model_path, device)
+    if defense.reads_feature_map:
+        require_feature_map(model, f"defense {defense.name}")
     attack_config = config.attack or recorded_attack(meta)
     check_before_loading(config.data, attack_config)
     with run_folder(out, "repair", to_dict(config), model_path):

@@ -17,8 +17,8 @@ from bdguard.defenses import DefenseConfig, TrainingDefense, TrainingJob, build_
 from bdguard.defenses.base import SCORES_FILE
 from bdguard.errors import BdguardError
 from bdguard.io import write_array, write_json
-from bdguard.models import load_model, save_model
-from bdguard.models.base import check_model_options
+from bdguard.models import BackdoorModel, load_model, save_model
+from bdguard.models.base import check_model_options, require_feature_map, sized_model
 from bdguard.results import RunResult, Scores
 from bdguard.runs.common import (
     MODEL,
@@ -53,10 +53,12 @@ def run_train(
     resume: bool = False,
     quiet: bool = False,
     poison_store: str | Path | None = None,
+    initial: BackdoorModel | None = None,
 ) -> dict[str, Any]:
     """Poison (if an attack is set), train with the chosen defense, evaluate, and write the run folder.
     `poison_store`: a folder of stored poisoned sets (`attacks/store.py`) to read the poisoned set from, or to
-    add it to; runs on the same set then poison once."""
+    add it to; runs on the same set then poison once. `initial`: a model built in Python (bdguard.api), whose
+    copies the defense trains instead of a fresh `config.train.model` (which must name its architecture)."""
     out = Path(out)
     claim(out, "train", to_dict(config), resume=resume)
     defense = build_defense(config.defense)
@@ -67,11 +69,13 @@ def run_train(
     # unknown names fail before the data set loads
     check_before_loading(config.data, config.attack)
     check_model_options(config.train.model, config.train.model_kwargs)
+    if defense.reads_feature_map:
+        require_feature_map(sized_model(config.train.model, config.train.model_kwargs), f"defense {defense.name}")
     device = use_device(config.train)  # under torchrun: joins the other ranks, which must all get here
     if not distributed.is_main():
-        return _train(config, defense, device, out, resume, quiet, poison_store)
+        return _train(config, defense, device, out, resume, quiet, poison_store, initial)
     with run_folder(out, "train", to_dict(config), resume=resume):  # before minutes of decoding and training
-        return _train(config, defense, device, out, resume, quiet, poison_store)
+        return _train(config, defense, device, out, resume, quiet, poison_store, initial)
 
 
 def _train(
@@ -82,6 +86,7 @@ def _train(
     resume: bool,
     quiet: bool,
     poison_store: str | Path | None,
+    initial: BackdoorModel | None,
 ) -> dict[str, Any]:
     clock = RunClock()
     with distributed.main_first():  # the others read the data and the poisoned set the main rank cached
@@ -100,7 +105,7 @@ def _train(
         triggered=triggered,
         train=config.train,
         device=device,
-        new_model=lambda: new_model(bundle, config.train, device),
+        new_model=lambda: new_model(bundle, config.train, device, initial),
         evaluate=evaluate_model,
         run_dir=out,
         fingerprint=fingerprint(config),
@@ -113,7 +118,7 @@ def _train(
         return {}  # the main rank evaluates, saves and reports the model all ranks trained
     model = result.model
     extra_meta = {"attack": to_dict(config.attack), "defense": to_dict(config.defense), "train": to_dict(config.train)}
-    meta = model_meta(bundle, config.train, extra_meta)
+    meta = model_meta(model, bundle, extra_meta)
     save_model(model.to(memory_format=torch.contiguous_format), out / MODEL, meta)
     if result.scores is not None:  # the defense's own detector, in the form `bdguard detect` writes
         write_scores(out / SCORES_FILE, result.scores, result.flagged, poisoned.train)

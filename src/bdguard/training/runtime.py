@@ -114,9 +114,15 @@ def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Genera
 
 
 def batch_indices(n: int, batch_size: int, generator: torch.Generator, shuffle: bool = True) -> Iterator[torch.Tensor]:
+    """Index batches over range(n). A last batch of one sample joins the one before: BatchNorm in training mode
+    needs more than one value per channel, and a network whose last map is 1x1 (an ImageNet ResNet on 16-pixel
+    images) has only the batch to give them."""
     device = generator.device
     order = torch.randperm(n, generator=generator, device=device) if shuffle else torch.arange(n, device=device)
-    yield from order.split(batch_size)
+    batches = list(order.split(batch_size))
+    if len(batches) > 1 and batches[-1].numel() == 1:
+        batches[-2:] = [torch.cat(batches[-2:])]
+    yield from batches
 
 
 def cycle_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -126,7 +132,8 @@ def cycle_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterat
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
-    return -(-n // batch_size)
+    """How many batches `batch_indices` gives."""
+    return max(1, n // batch_size) if n % batch_size == 1 else -(-n // batch_size)
 
 
 @dataclass

@@ -85,10 +85,14 @@ class DatasetSource(ABC):
     native_size: ClassVar[int | None] = None  # fixed side length; None when the source resizes to image_size
     num_classes: ClassVar[int | None] = None  # known before any file is read; None when the files decide (imagefolder)
     classes: ClassVar[tuple[str, ...] | None] = None  # the class names, where known before any file is read
+    reads_columns: ClassVar[bool] = False  # a table of columns (hf:), where data.image_column/label_column apply
+    argument: ClassVar[str] = "<path>"  # what follows "NAME:" for a source that takes an argument (takes_arg)
 
     def __init__(self, config: DataConfig, arg: str | None = None) -> None:
         if arg is not None and not self.takes_arg():
             raise BdguardError(f"data set {self.name!r} takes no ':<argument>' (got {self.name}:{arg})")
+        if not self.reads_columns and (config.image_column or config.label_column):
+            raise BdguardError(f"data set {self.name!r} has no columns to choose (data.image_column/label_column)")
         size = config.image_size
         if self.native_size is not None and size is not None and size != self.native_size:
             raise BdguardError(

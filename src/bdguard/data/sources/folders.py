@@ -84,6 +84,19 @@ def read_single_dir(folder: Path, decoder: ImageDecoder) -> tuple[list[str], Spl
     classes = [d.name for d in class_dirs(folder)]
     files, labels = _scan(folder, classes)
     images = decoder.stack(_decode(files, decoder))
+    advice = "give every class more images, or provide train/ and test/ folders"
+    train, test = split_rows(labels, str(folder), advice)
+    names = _names(files, folder)
+    return (
+        classes,
+        (images[train], labels[train], tuple(names[i] for i in train)),
+        (images[test], labels[test], tuple(names[i] for i in test)),
+    )
+
+
+def split_rows(labels: np.ndarray, where: str, advice: str) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, test rows): a stratified 80/20 split, seeded, each in the original order; `advice` says what
+    to do when some class is too small to split."""
     from sklearn.model_selection import train_test_split  # imported here: scikit-learn is slow to import
 
     try:
@@ -91,15 +104,8 @@ def read_single_dir(folder: Path, decoder: ImageDecoder) -> tuple[list[str], Spl
             np.arange(len(labels)), test_size=TEST_FRACTION, stratify=labels, random_state=SPLIT_SEED
         )
     except ValueError as exc:
+        classes = len(np.unique(labels))
         raise BdguardError(
-            f"{folder}: cannot split {len(labels)} images of {len(classes)} classes 80/20 by class ({exc}); "
-            "give every class more images, or provide train/ and test/ folders"
+            f"{where}: cannot split {len(labels)} images of {classes} classes 80/20 by class ({exc}); {advice}"
         ) from None
-    # Sorted indices keep the folder's order inside each split.
-    train, test = np.sort(train), np.sort(test)
-    names = _names(files, folder)
-    return (
-        classes,
-        (images[train], labels[train], tuple(names[i] for i in train)),
-        (images[test], labels[test], tuple(names[i] for i in test)),
-    )
+    return np.sort(train), np.sort(test)

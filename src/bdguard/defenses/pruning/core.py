@@ -142,6 +142,7 @@ class ChannelPruning(PostTrainingDefense):
     """
 
     Params = PruneParams
+    reads_feature_map = True
 
     @abstractmethod
     def score(self, summaries: Summaries) -> torch.Tensor:

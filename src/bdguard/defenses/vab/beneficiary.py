@@ -177,7 +177,9 @@ def stage_b_epoch(
     num_iter = n_c // ben.batch_size + 1
     own = distributed.own_generator(generator)
     labelled = cycle_batches(n_c, ben.batch_size, generator) if n_c else None
-    unlabelled = cycle_batches(n_s, max(1, n_s // num_iter), generator) if n_s else None
+    # |S| / steps a batch, as the reference, but never one sample alone: a network whose last map is 1x1 gives
+    # BatchNorm nothing else to normalise it with
+    unlabelled = cycle_batches(n_s, max(min(n_s, 2), n_s // num_iter), generator) if n_s else None
     weight = torch.full((len(data),), float("nan"), device=runtime.device)
     pseudo = torch.full((len(data),), -1, dtype=torch.long, device=runtime.device)
     sums = torch.zeros(4, device=runtime.device)  # loss, L_mix, L_u, mixed region

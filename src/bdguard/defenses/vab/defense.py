@@ -50,6 +50,7 @@ ENTROPY_CAPTION = "V&B: normalised prediction entropy of clean and poisoned trai
 @DEFENSES.register
 class VabDefense(TrainingDefense):
     name = "vab"
+    reads_feature_map = True  # AttentionMix
     description = (
         "V&B (Zhu et al., ICCV 2023): a Victim learns the backdoor and flags low-entropy samples, kept only inside "
         "the label(s) a check model finds attacked; the Beneficiary trains on the rest, then unlearns the label of "
@@ -357,7 +358,7 @@ class _VabRun:
         config = self.victim.config
         extra = {"role": "V&B Victim: backdoored on purpose, never deploy", "train": to_dict(config)}
         victim = self.victim.model.to(memory_format=torch.contiguous_format)
-        save_model(victim, run_dir / "victim.safetensors", model_meta(self.job.bundle, config, extra))
+        save_model(victim, run_dir / "victim.safetensors", model_meta(victim, self.job.bundle, extra))
         normalised = self.victim.detector.normalised()
         write_suspicious_csv(run_dir / "suspicious.csv", normalised, self.suspicious)
         plot_entropy_hist(run_dir / "entropy_hist.png", self.snapshots, self.job.poisoned)
