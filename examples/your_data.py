@@ -80,10 +80,10 @@ def main() -> None:
     images[poisoned], labels[poisoned] = stamp(images[poisoned]), TARGET
     train, test = Pictures(images, labels, classes), Pictures(data.test.images, data.test.labels, classes)
 
-    found = api.detect(train, "vab", poisoned=poisoned.numpy(), config={"detector": {"params": VICTIM}})
+    found = api.detect(train, "vab", poisoned=poisoned.numpy(), config={"detector": {"params": VICTIM}, "train": TRAIN})
     caught = int((found.flagged & poisoned.numpy()).sum())
     print(f"detect: flagged {int(found.flagged.sum())} samples, {caught} of the {int(poisoned.sum())} poisoned")
-    figures = {"auroc": found.auroc, "tpr": caught / int(poisoned.sum())}
+    figures = {"auroc": found.auroc, "tpr": caught / int(poisoned.sum()), "fpr": found.metrics["fpr"]}
 
     trained = {}
     for defense in ("vab", "none"):
