@@ -18,9 +18,13 @@ SECTIONS = ("data", "attack", "defense", "detector", "probe", "train", "gallery"
 
 # (flag, dotted key in RunConfig, extra argparse settings)
 DATA_FLAGS = [
-    ("--dataset", "data.dataset", {"help": "data set name, or imagefolder:<path> (see `bdguard datasets`)"}),
+    ("--dataset", "data.dataset", {"help": "data set name, imagefolder:<path> or hf:<path> (see `bdguard datasets`)"}),
     ("--data-root", "data.data_root", {"help": "where the data set is: a folder or archive"}),
-    ("--download", "data.download", {"action": "store_const", "const": True, "help": "allow torchvision downloads"}),
+    (
+        "--download",
+        "data.download",
+        {"action": "store_const", "const": True, "help": "allow downloads (data sets, hf: names)"},
+    ),
     ("--image-size", "data.image_size", {"help": "resize images to this square size"}),
     ("--train-size", "data.train_size", {"help": "train on this many images (a fixed seeded subset)"}),
 ]

@@ -9,7 +9,8 @@ forward; the methods that read the map refuse it (`require_feature_map`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -18,6 +19,7 @@ from bdguard.errors import BdguardError
 from bdguard.models.base import BackdoorModel, require_feature_map
 
 PROBE_SIDE = 64  # the side of the dry-run input that checks where a network was cut
+T = TypeVar("T")
 
 
 class AdaptedModel(BackdoorModel):
@@ -55,7 +57,7 @@ class AdaptedModel(BackdoorModel):
 
 
 def first_of(module: nn.Module, kind: type[nn.Module]) -> tuple[str, nn.Module] | None:
-    """(qualified name, module) of the first `kind` below `module`, in registration order."""
+    """(qualified name, module) of the first `kind` below `module` (itself included), in registration order."""
     return next(((name, m) for name, m in module.named_modules() if isinstance(m, kind)), None)
 
 
@@ -93,6 +95,20 @@ def adapt_input_channels(net: nn.Module, in_channels: int, label: str) -> None:
             if conv.bias is not None:
                 new.bias.copy_(conv.bias)
     replace_module(net, name, new)
+
+
+def dry_run(net: nn.Module, run: Callable[[], T]) -> T | None:
+    """`run()` with the network in eval mode and no grad, its mode restored; None when the network cannot run it
+    (the cut or the input does not fit it)."""
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            return run()
+    except (RuntimeError, ValueError, TypeError, AssertionError):
+        return None
+    finally:
+        net.train(was_training)
 
 
 def on_meta(module: nn.Module) -> bool:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from bdguard.errors import BdguardError
-from bdguard.models.adapted import PROBE_SIDE, AdaptedModel
+from bdguard.models.adapted import PROBE_SIDE, AdaptedModel, dry_run
 from bdguard.models.base import MODELS, ModelBuilder
 
 
@@ -46,17 +46,9 @@ def _has_map(net: nn.Module, in_channels: int) -> bool:
     device). Networks of a fixed input size (vision transformers) are run at theirs."""
     config = getattr(net, "pretrained_cfg", None) or {}
     side = config.get("input_size", (3, 224, 224))[-1] if config.get("fixed_input_size") else PROBE_SIDE
-    device = next(net.parameters()).device
-    was_training = net.training
-    net.eval()
-    try:
-        with torch.no_grad():
-            out = net.forward_features(torch.zeros(1, in_channels, side, side, device=device))
-    except (RuntimeError, ValueError, AssertionError):
-        return False
-    finally:
-        net.train(was_training)
-    return out.dim() == 4 and out.shape[1] == net.num_features
+    x = torch.zeros(1, in_channels, side, side, device=next(net.parameters()).device)
+    out = dry_run(net, lambda: net.forward_features(x))
+    return out is not None and out.dim() == 4 and out.shape[1] == net.num_features
 
 
 def _timm() -> ModuleType:

@@ -17,7 +17,15 @@ import torchvision
 from torch import nn
 
 from bdguard.errors import BdguardError
-from bdguard.models.adapted import PROBE_SIDE, AdaptedModel, adapt_input_channels, on_meta, replace_module
+from bdguard.models.adapted import (
+    PROBE_SIDE,
+    AdaptedModel,
+    adapt_input_channels,
+    dry_run,
+    first_of,
+    on_meta,
+    replace_module,
+)
 from bdguard.models.base import MODELS, ModelBuilder
 
 
@@ -68,7 +76,14 @@ class Cut:
         return x
 
     def head_linear(self, net: nn.Module) -> nn.Linear:
-        return next(m for name in self.head for m in getattr(net, name).modules() if isinstance(m, nn.Linear))
+        linear = _first_linear([getattr(net, name) for name in self.head])
+        assert linear is not None  # a cut is made only where a linear layer reads the pool
+        return linear
+
+
+def _first_linear(modules: Sequence[nn.Module]) -> nn.Linear | None:
+    found = (first_of(module, nn.Linear) for module in modules)
+    return next((linear for _, linear in filter(None, found)), None)
 
 
 def _cut(net: nn.Module) -> Cut | None:
@@ -78,7 +93,7 @@ def _cut(net: nn.Module) -> Cut | None:
     for i, (_, child) in enumerate(children):
         if isinstance(child, nn.AdaptiveAvgPool2d) and child.output_size in (1, (1, 1)):
             head = [module for _, module in children[i + 1 :]]
-            linear = next((m for h in head for m in h.modules() if isinstance(m, nn.Linear)), None)
+            linear = _first_linear(head)
             if linear is None:
                 return None
             leaves = [m for h in head for m in h.modules() if not list(m.children())]
@@ -90,17 +105,12 @@ def _cut(net: nn.Module) -> Cut | None:
 
 def _cut_holds(net: nn.Module, cut: Cut, in_channels: int) -> bool:
     """Whether the cut network computes what the whole one does, on one random image (in eval mode, no grad)."""
-    was_training = net.training
-    net.eval()
-    try:
-        x = torch.rand(1, in_channels, PROBE_SIDE, PROBE_SIDE, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            whole, parts = net(x), cut.classify(net, cut.features(net, x))
-        return whole.shape == parts.shape and torch.allclose(whole, parts, atol=1e-4, rtol=1e-4)
-    except (RuntimeError, ValueError, TypeError):
+    x = torch.rand(1, in_channels, PROBE_SIDE, PROBE_SIDE, generator=torch.Generator().manual_seed(0))
+    outputs = dry_run(net, lambda: (net(x), cut.classify(net, cut.features(net, x))))
+    if outputs is None:
         return False
-    finally:
-        net.train(was_training)
+    whole, parts = outputs
+    return whole.shape == parts.shape and torch.allclose(whole, parts, atol=1e-4, rtol=1e-4)
 
 
 def torchvision_names() -> list[str]:
