@@ -73,6 +73,7 @@ def test_an_adapted_model_file_reloads_from_safetensors_alone(name, tmp_path):
     save_model(model, path, _meta(name))
     loaded, meta = load_model(path)
     x = torch.rand(2, 3, 32, 32)
+    model = model.to(memory_format=torch.channels_last)  # as loaded: the same arithmetic
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x)) and loaded.feature_mask[3] == 0
     assert meta.architecture == name == loaded.architecture
@@ -117,6 +118,14 @@ def test_unknown_ecosystem_names_are_one_line(arch, message, tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", "--dataset", "synthetic", "--arch", arch, "--out", str(tmp_path / "x"))
     assert_one_line_error(code, err, message)
     assert not (tmp_path / "x").exists()
+
+
+def test_images_too_small_for_the_network_are_one_line_before_training(tmp_path, capsys):
+    """SqueezeNet pools a 16x16 image down to nothing: said once, naming the size, not a traceback mid-epoch."""
+    argv = ["train", "--dataset", "synthetic", "--arch", "torchvision:squeezenet1_1", "--out", str(tmp_path / "x")]
+    code, _, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, "torchvision:squeezenet1_1 cannot take synthetic's 16x16 images")
+    assert "Output size is too small" in err and "epoch" not in err
 
 
 def test_without_timm_its_models_name_the_extra(monkeypatch, tmp_path, capsys):

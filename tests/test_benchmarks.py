@@ -1,13 +1,22 @@
 """The benchmark scripts run at HEAD: nothing else executes them, and a script that no longer runs is only found
 when someone needs its figures (benchmarks/throughput.py and plot_prune.py broke that way). Each runs in its tiny
 setting, on the synthetic set with one thread and into tmp_path: SMOKE=1 for the shell scripts (see each one's
-usage comment), small arguments for the Python ones."""
+usage comment), small arguments for the Python ones.
+
+A shell script runs for real with shims in front of `bdguard`, `python` and `torchrun` that write down each command
+line; the commands are then run as written, in the order written, in this process (`torchrun` as itself, for its
+ranks): the same work without a Python and torch start-up per command, which was most of their time. Run again, a
+script whose runs all finished must skip each of them and start nothing."""
 
 import csv
+import io
 import json
 import os
+import runpy
+import shlex
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -16,30 +25,92 @@ import torch
 from bdguard.cli.main import main
 
 ROOT = Path(__file__).resolve().parent.parent
-# the shell scripts call `bdguard`, `python` and `torchrun`: this interpreter's
-PATH = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+BIN = Path(sys.executable).parent  # this interpreter's `bdguard`, `python` and `torchrun`
+SHIM = """#!/usr/bin/env bash
+# a command of a benchmark script, written down for tests/test_benchmarks.py to run
+printf '%q ' "$(basename "$0")" "$@" >> "$BENCHMARK_COMMANDS"
+echo >> "$BENCHMARK_COMMANDS"
+"""
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _script(name, *argv):
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / name), *argv], capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
+@pytest.fixture(scope="module")
+def shims(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("shims")
+    for program in ("bdguard", "python", "torchrun"):
+        (folder / program).write_text(SHIM)
+        (folder / program).chmod(0o755)
+    return folder
 
 
-def _smoke(name, *argv, **env) -> subprocess.CompletedProcess:
-    """benchmarks/NAME ARGV... with SMOKE=1 and `env`, from the repository root as its usage says."""
+def _python(name: str, *argv: str) -> tuple[int | str | None, str]:
+    """benchmarks/NAME (or a script path) run as `python NAME ARGV...`, in this process: (exit code, stdout)."""
+    path = Path(name) if "/" in name else ROOT / "benchmarks" / name
+    saved, sys.argv = sys.argv, [str(path), *argv]
+    printed, code = io.StringIO(), 0
+    try:
+        with redirect_stdout(printed), redirect_stderr(io.StringIO()):
+            runpy.run_path(str(path), run_name="__main__")
+    except SystemExit as stop:
+        code = stop.code
+    finally:
+        sys.argv = saved
+    return code, printed.getvalue()
+
+
+def _script(name: str, *argv: str) -> str:
+    code, printed = _python(name, *argv)
+    assert code in (0, None), code
+    return printed
+
+
+def _run(command: list[str]) -> str:
+    """One written-down command, as the script would have run it: what it printed."""
+    program, *argv = command
+    if program == "torchrun":
+        done = subprocess.run([str(BIN / "torchrun"), *argv], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-5000:]
+        return done.stdout
+    if program == "python":
+        return _script(*argv)
+    assert program == "bdguard", command
+    printed = io.StringIO()
+    with redirect_stdout(printed), redirect_stderr(io.StringIO()):
+        code = main(argv)
+    assert code == 0, command
+    return printed.getvalue()
+
+
+def _smoke(shims: Path, name: str, *argv: str, **env: str) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
+    """benchmarks/NAME ARGV... with SMOKE=1 and `env`, from the repository root as its usage says, its commands
+    written down: (the script's run, its commands)."""
+    commands = shims / "commands"
+    commands.unlink(missing_ok=True)
+    path = os.pathsep.join([str(shims), str(BIN), os.environ.get("PATH", "")])
     done = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / name), *argv],
         cwd=ROOT,
-        env={**os.environ, "PATH": PATH, "SMOKE": "1", **env},
+        env={**os.environ, "PATH": path, "SMOKE": "1", "BENCHMARK_COMMANDS": str(commands), **env},
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-5000:]
-    return done
+    lines = commands.read_text().splitlines() if commands.exists() else []
+    return done, [shlex.split(line) for line in lines]
+
+
+def _smoke_run(shims: Path, name: str, *argv: str, **env: str) -> list[str]:
+    """The script's commands run: what each printed."""
+    _, commands = _smoke(shims, name, *argv, **env)
+    assert commands, f"{name} wrote down no command"
+    here = Path.cwd()
+    os.chdir(ROOT)  # the scripts' relative paths (benchmarks/..., runs/...) are the repository root's
+    try:
+        return [_run(command) for command in commands]
+    finally:
+        os.chdir(here)
 
 
 def _results(folder: Path) -> dict:
@@ -50,21 +121,6 @@ def _rows(table: str) -> dict[str, list[str]]:
     """A markdown table's rows by their first cell."""
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines() if line[:1] == "|"]
     return {row[0]: row[1:] for row in rows[2:]}
-
-
-def test_throughput_runs_and_reports_its_figures():
-    figures = json.loads(_script("throughput.py", "--dataset", "synthetic", "--model", "small-cnn", "--threads", "1"))
-    assert figures["images_per_second"] > 0 and 0 < figures["data_pipeline_share"] < 1
-
-
-def test_collect_reads_a_folder_of_runs(tmp_path):
-    argv = ["train", "--dataset", "synthetic", "--arch", "small-cnn", "--epochs", "1", "--threads", "1", "--quiet"]
-    for defense in ("none", "vab"):
-        extra = ["--set", "vab.victim_min_steps=0"] if defense == "vab" else []
-        assert main([*argv, "--defense", defense, *extra, "--out", str(tmp_path / defense)]) == 0
-    rows = _rows(_script("collect.py", "--ratio", str(tmp_path)))
-    assert set(rows) == {"none", "vab"}
-    assert rows["none"][6] == "1.00" and rows["vab"][7] != "—"  # ÷ none; V&B's seconds by stage
 
 
 CIFAR_CELLS = {  # folder: (attack, defense), in the queue's order
@@ -78,26 +134,27 @@ CIFAR_CELLS = {  # folder: (attack, defense), in the queue's order
 
 
 @pytest.mark.parametrize("queue", CIFAR_CELLS)
-def test_cifar_cpu_trains_every_cell_of_a_queue_and_skips_them_once_finished(tmp_path, queue):
-    _smoke("cifar_cpu.sh", queue, OUT=str(tmp_path))
+def test_cifar_cpu_trains_every_cell_of_a_queue_and_skips_them_once_finished(shims, tmp_path, queue):
+    _smoke_run(shims, "cifar_cpu.sh", queue, OUT=str(tmp_path))
     cells = CIFAR_CELLS[queue]
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(cells)
     for name, (attack, defense) in cells.items():
         results = _results(tmp_path / name)
         assert (results["dataset"], results["attack"], results["defense"]) == ("synthetic", attack, defense)
         assert results["epochs"] == 1
-    again = _smoke("cifar_cpu.sh", queue, OUT=str(tmp_path))
-    assert again.stdout.splitlines() == [f"skip {name} (finished)" for name in cells]
+    again, commands = _smoke(shims, "cifar_cpu.sh", queue, OUT=str(tmp_path))
+    assert again.stdout.splitlines() == [f"skip {name} (finished)" for name in cells] and not commands
 
 
-def test_foundation_reports_two_throughputs_and_trains_badnets(tmp_path):
-    printed = _smoke("foundation.sh", OUT=str(tmp_path)).stdout
+def test_foundation_reports_two_throughputs_and_trains_badnets(shims, tmp_path):
+    printed = "".join(_smoke_run(shims, "foundation.sh", OUT=str(tmp_path)))
     decoder, reports, at = json.JSONDecoder(), [], printed.find("{")
     while at >= 0:  # the two throughput reports, then train's summary line
         report, end = decoder.raw_decode(printed, at)
         reports.append(report)
         at = printed.find("{", end)
     assert len(reports) == 2 and all(report["images_per_second"] > 0 for report in reports)
+    assert all(0 < report["data_pipeline_share"] < 1 for report in reports)
     results = _results(tmp_path / "bench-badnets-small-cnn")
     assert (results["dataset"], results["attack"], results["target"]) == ("synthetic", "badnets", 0)
 
@@ -115,14 +172,14 @@ PRUNINGS = {  # folder (after badnets-): (defense, trigger), as collect.py --pru
 
 
 @pytest.fixture(scope="module")
-def pruned(tmp_path_factory) -> Path:
+def pruned(shims, tmp_path_factory) -> Path:
     """prune_cpu.sh's gtsrb setting, which trains its own model first: RUNS."""
     runs = tmp_path_factory.mktemp("prune")
-    _smoke("prune_cpu.sh", "gtsrb", "1", RUNS=str(runs))
+    _smoke_run(shims, "prune_cpu.sh", "gtsrb", "1", RUNS=str(runs))
     return runs
 
 
-def test_prune_cpu_runs_every_pruning_defense(pruned):
+def test_prune_cpu_runs_every_pruning_defense(shims, pruned):
     assert _results(pruned / "gtsrb-cpu" / "badnets-none")["model"] == "alexnet"
     folder = pruned / "gtsrb-cpu-prune"
     assert sorted(path.name for path in folder.iterdir()) == sorted(f"badnets-{name}" for name in PRUNINGS)
@@ -131,8 +188,8 @@ def test_prune_cpu_runs_every_pruning_defense(pruned):
         row = rows[f"badnets-{name}"]
         assert row[:2] == [defense, trigger]
         assert row[2].isdigit() == (trigger != "—")  # k, for the defenses that rank channels
-    again = _smoke("prune_cpu.sh", "gtsrb", "1", RUNS=str(pruned))
-    assert again.stdout.splitlines() == [f"skip badnets-{name} (finished)" for name in PRUNINGS]
+    again, commands = _smoke(shims, "prune_cpu.sh", "gtsrb", "1", RUNS=str(pruned))
+    assert again.stdout.splitlines() == [f"skip badnets-{name} (finished)" for name in PRUNINGS] and not commands
 
 
 def test_plot_prune_draws_the_curves_of_a_pruned_model(pruned, tmp_path):
@@ -140,18 +197,15 @@ def test_plot_prune_draws_the_curves_of_a_pruned_model(pruned, tmp_path):
     _script("plot_prune.py", str(folder), "badnets", str(figure))
     assert figure.read_bytes().startswith(b"\x89PNG")
     # ... and it is refused, not drawn empty, where no curve was read
-    plot = [sys.executable, str(ROOT / "benchmarks" / "plot_prune.py"), str(folder), "wanet", str(tmp_path / "x.png")]
-    none = subprocess.run(plot, capture_output=True, text=True, timeout=300)
-    assert none.returncode != 0 and "no pruning curves of wanet" in none.stderr
-    assert not (tmp_path / "x.png").exists()
+    code, _ = _python("plot_prune.py", str(folder), "wanet", str(tmp_path / "x.png"))
+    assert "no pruning curves of wanet" in str(code) and not (tmp_path / "x.png").exists()
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without torch.distributed")
-def test_scale_out_runs_the_executors_and_torchrun(tmp_path):
+def test_scale_out_runs_the_executors_and_torchrun(shims, tmp_path):
     """The smoke's four commands (the Ray bench and V&B on two ranks run in test_bench and test_distributed)."""
     out = tmp_path / "scale-out"
-    done = _smoke("scale_out.sh", OUT=str(out))
-    assert done.stderr.count("\nreal\t") == 4  # bash's `time` of each command
+    assert len(_smoke_run(shims, "scale_out.sh", OUT=str(out))) == 4
     tables = []
     for executor in ("serial", "local2"):
         with open(out / f"smoke-{executor}" / "results.csv", newline="") as handle:
@@ -163,14 +217,15 @@ def test_scale_out_runs_the_executors_and_torchrun(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def ablation(tmp_path_factory) -> Path:
+def ablation(shims, tmp_path_factory) -> Path:
     """vab_ablation.sh's `none` and `default` variants: the folder of the cell."""
     out = tmp_path_factory.mktemp("ablation")
-    _smoke("vab_ablation.sh", "fmnist", "badnets", "none", "default", OUT=str(out))
+    _smoke_run(shims, "vab_ablation.sh", "fmnist", "badnets", "none", "default", OUT=str(out))
     return out / "fmnist-badnets"
 
 
 def test_vab_ablation_runs_the_variants_named(ablation):
+    """... and collect.py tables a folder of runs: their time ratio to `none`, V&B's seconds by stage."""
     assert sorted(path.name for path in ablation.iterdir()) == ["default", "none"]
     assert _results(ablation / "none")["defense"] == "none" and _results(ablation / "default")["defense"] == "vab"
     rows = _rows(_script("collect.py", "--ratio", str(ablation)))

@@ -140,10 +140,17 @@ def test_vab_on_two_ranks_defends_like_one_process_and_resumes_exactly(tmp_path,
     _same_weights(two, killed)
 
 
-def test_a_defense_that_does_not_train_data_parallel_is_refused_in_one_line(tmp_path):
-    code, _, err = _finish(_torchrun(tmp_path / "vab", "--defense", "abl"))
-    assert code != 0
-    assert _bdguard_lines(err) == ["bdguard: error: defense abl does not train data-parallel: run it without torchrun"]
+def test_a_defense_that_does_not_train_data_parallel_is_refused_in_one_line(monkeypatch, tmp_path, capsys):
+    """Refused from torchrun's environment alone, before any rank joins the others: rank 0 says why, the rest
+    fail alike and say nothing."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, said in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        code, _, err = run_cli(capsys, *TRAIN, "--defense", "abl", "--out", str(tmp_path / rank))
+        if said:
+            assert_one_line_error(code, err, "defense abl does not train data-parallel: run it without torchrun")
+        else:
+            assert code == 2 and err == ""
 
 
 def test_commands_other_than_train_are_refused_under_torchrun(monkeypatch, tmp_path, capsys):

@@ -1,5 +1,7 @@
 import ast
 import importlib
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,30 +10,87 @@ import pytest
 
 import bdguard
 
+FIRST = [
+    "bdguard.attacks.surrogate",
+    "bdguard.training",
+    "bdguard.attacks.iad",
+    "bdguard.defenses.vab",
+    "bdguard.defenses.pruning",
+    "bdguard.defenses.neural_cleanse",
+    "bdguard.runs.analyze",
+    "bdguard.analysis.gradcam",
+    "bdguard.runs.repair",
+    "bdguard.runs.detect",
+    "bdguard.detectors",
+    "bdguard.attacks.store",
+    "bdguard.bench",
+    "bdguard.reporting.html",
+]
 
-@pytest.mark.parametrize(
-    "module",
-    [
-        "bdguard.attacks.surrogate",
-        "bdguard.training",
-        "bdguard.attacks.iad",
-        "bdguard.defenses.vab",
-        "bdguard.defenses.pruning",
-        "bdguard.defenses.neural_cleanse",
-        "bdguard.runs.analyze",
-        "bdguard.analysis.gradcam",
-        "bdguard.runs.repair",
-        "bdguard.runs.detect",
-        "bdguard.detectors",
-        "bdguard.attacks.store",
-        "bdguard.bench",
-        "bdguard.reporting.html",
-    ],
-)
-def test_each_package_imports_first_without_a_cycle(module):
-    # a fresh interpreter: an import cycle only shows when the module is the first one loaded
-    done = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True)
+# An import cycle only shows when its module is the first of the package loaded. One interpreter loads the
+# third-party libraries once (importing every module named), forgets the package, and forks a child per module that
+# imports it first: what a fresh interpreter per module sees, without paying torch's start-up once per module.
+FORKED_FIRST_IMPORTS = """
+import importlib, json, os, sys, traceback
+package, modules = sys.argv[1], sys.argv[2:]
+for module in modules:
+    try:
+        importlib.import_module(module)
+    except Exception:
+        pass  # its child reports it
+for name in [name for name in sys.modules if name == package or name.startswith(package + ".")]:
+    del sys.modules[name]
+found = {}
+for module in modules:
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(read)
+        try:
+            importlib.import_module(module)
+            error = ""
+        except BaseException:
+            error = traceback.format_exc()
+        os.write(write, error.encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        found[module] = pipe.read()
+    os.waitpid(child, 0)
+print(json.dumps(found))
+"""
+
+
+def _first_imports(package: str, modules: list[str], **env: str) -> dict[str, str]:
+    """Each module -> the traceback of importing it before any other module of `package` ("" when it imports)."""
+    argv = [sys.executable, "-c", FORKED_FIRST_IMPORTS, package, *modules]
+    done = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **env})
     assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.fixture(scope="module")
+def first_imports() -> dict[str, str]:
+    return _first_imports("bdguard", FIRST)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.parametrize("module", FIRST)
+def test_each_package_imports_first_without_a_cycle(first_imports, module):
+    assert first_imports[module] == ""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_the_forked_check_sees_a_cycle_that_breaks_one_import_order_only(tmp_path):
+    """a -> b -> a: importing b first works (a finds b half-made in sys.modules), importing a first fails. The
+    parent imported both: its children must not find them loaded already."""
+    package = tmp_path / "cyclic"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("from cyclic import b\n\nA = 1\n")
+    (package / "b.py").write_text("from cyclic.a import A\n\nB = 2\n")
+    found = _first_imports("cyclic", ["cyclic.b", "cyclic.a"], PYTHONPATH=str(tmp_path))
+    assert found["cyclic.b"] == "" and "ImportError: cannot import name 'A'" in found["cyclic.a"]
 
 
 def test_a_new_file_in_a_registry_package_registers_itself(tmp_path, monkeypatch):

@@ -182,7 +182,9 @@ def test_round_trip(tmp_path, name, in_channels, size, kwargs):
     loaded, loaded_meta = load_model(path)
     assert loaded_meta == meta and loaded_meta.extra == meta.extra
     assert not loaded.training
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in loaded.parameters() if p.dim() == 4)
     x = images(3, in_channels, size)
+    model = model.to(memory_format=torch.channels_last)  # as loaded: the same arithmetic
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
     assert torch.equal(loaded.feature_mask, model.feature_mask) and loaded.feature_mask[5] == 0

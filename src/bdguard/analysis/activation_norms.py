@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import numpy as np
 import torch
-from scipy.stats import rankdata
 
 from bdguard.data.augment import to_float
 from bdguard.models.base import BackdoorModel
@@ -65,14 +63,16 @@ def auroc(clean: torch.Tensor, triggered: torch.Tensor) -> torch.Tensor:
     """Per-channel ROC-AUC of telling triggered from clean images by the value alone: the probability that a
     triggered image's value exceeds a clean one's (ties count 1/2). Above 0.5: the trigger raises the value.
 
-    Exact Mann-Whitney form from average ranks, vectorised over channels; (K, N) and (K, M) -> (K,).
+    Exact Mann-Whitney form, vectorised over channels: each triggered value counts the clean values below it, and
+    half of those equal to it, in the channel's sorted clean values; (K, N) and (K, M) -> (K,).
     """
     n, m = clean.shape[1], triggered.shape[1]
-    values = torch.cat([clean, triggered], 1).double().cpu().numpy()
-    ranks = rankdata(values, method="average", axis=1)
-    rank_sum = ranks[:, n:].sum(1)
-    u = rank_sum - m * (m + 1) / 2  # pairs (clean, triggered) in which the triggered value is larger
-    return torch.from_numpy(np.asarray(u / (n * m), dtype=np.float32))
+    ordered = clean.double().sort(dim=1).values
+    triggered = triggered.double().to(ordered.device).contiguous()
+    below = torch.searchsorted(ordered, triggered, side="left")
+    up_to = torch.searchsorted(ordered, triggered, side="right")
+    u = (below + up_to).sum(1).double() / 2  # pairs (clean, triggered) in which the triggered value is larger
+    return (u / (n * m)).float().cpu()
 
 
 def clean_summary(clean: torch.Tensor) -> dict[str, torch.Tensor]:

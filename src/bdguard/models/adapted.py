@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from bdguard.errors import BdguardError
-from bdguard.models.base import BackdoorModel, require_feature_map
+from bdguard.models.base import BackdoorModel, evaluating, require_feature_map
 
 PROBE_SIDE = 64  # the side of the dry-run input that checks where a network was cut
 T = TypeVar("T")
@@ -100,15 +100,11 @@ def adapt_input_channels(net: nn.Module, in_channels: int, label: str) -> None:
 def dry_run(net: nn.Module, run: Callable[[], T]) -> T | None:
     """`run()` with the network in eval mode and no grad, its mode restored; None when the network cannot run it
     (the cut or the input does not fit it)."""
-    was_training = net.training
-    net.eval()
     try:
-        with torch.no_grad():
+        with evaluating(net):
             return run()
     except (RuntimeError, ValueError, TypeError, AssertionError):
         return None
-    finally:
-        net.train(was_training)
 
 
 def on_meta(module: nn.Module) -> bool:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, get_type_hints
 
 import torch
@@ -184,6 +185,31 @@ def require_feature_map(model: BackdoorModel, method: str) -> None:
             f"{method} reads the model's last convolutional feature map, and {model.architecture} has none (a vision "
             "transformer?); use a convolutional network, or a method that needs only the logits"
         )
+
+
+@contextmanager
+def evaluating(net: nn.Module) -> Iterator[None]:
+    """Eval mode and no grad for a trial pass (BatchNorm would fail on one image), the module's mode restored."""
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        net.train(was_training)
+
+
+def check_image_size(model: BackdoorModel, image_shape: Sequence[int], data_name: str) -> None:
+    """Refuse, before any training, images too small for the network (its pooling would leave nothing of them):
+    one pass of one blank image."""
+    x = torch.zeros(1, *image_shape, device=model.mean.device)
+    try:
+        with evaluating(model):
+            model(x)
+    except RuntimeError as exc:
+        size = "x".join(map(str, image_shape[1:]))
+        why = str(exc).strip().splitlines()[0]
+        raise BdguardError(f"{model.architecture} cannot take {data_name}'s {size} images ({why})") from None
 
 
 def init_weights(module: nn.Module) -> None:

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from difflib import get_close_matches
+from types import ModuleType
 
 import torch
-import torchvision
 from torch import nn
 
 from bdguard.errors import BdguardError
@@ -113,8 +113,16 @@ def _cut_holds(net: nn.Module, cut: Cut, in_channels: int) -> bool:
     return whole.shape == parts.shape and torch.allclose(whole, parts, atol=1e-4, rtol=1e-4)
 
 
+def _models() -> ModuleType:
+    """torchvision.models, imported when a torchvision network is asked for: it takes a second (it loads
+    torch._dynamo), which every bdguard command would otherwise pay at start."""
+    import torchvision.models
+
+    return torchvision.models
+
+
 def torchvision_names() -> list[str]:
-    return torchvision.models.list_models(module=torchvision.models)
+    return _models().list_models(module=_models())
 
 
 def torchvision_builder(name: str) -> ModelBuilder:
@@ -140,14 +148,14 @@ def torchvision_builder(name: str) -> ModelBuilder:
 def _network(name: str, num_classes: int, weights: str | None, label: str) -> nn.Module:
     if weights is None:
         try:
-            return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+            return _models().get_model(name, weights=None, num_classes=num_classes)
         except (TypeError, ValueError) as exc:
             raise BdguardError(f"{label}: {exc}") from None
-    known = list(torchvision.models.get_model_weights(name).__members__)
+    known = list(_models().get_model_weights(name).__members__)
     if weights not in known:
         raise BdguardError(f"{label} has no weights {weights!r}; its weights: {', '.join(known)}")
     try:
-        net = torchvision.models.get_model(name, weights=weights)
+        net = _models().get_model(name, weights=weights)
     except (OSError, RuntimeError) as exc:  # the download (torch.hub, into $TORCH_HOME) failed
         raise BdguardError(f"{label}: cannot fetch weights {weights!r}: {exc}") from None
     # the pretrained head answers ImageNet's classes: a new last layer answers the data set's

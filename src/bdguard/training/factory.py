@@ -10,6 +10,7 @@ import torch
 from bdguard.data.base import DataBundle
 from bdguard.errors import BdguardError
 from bdguard.models import BackdoorModel, ModelMeta, build_model
+from bdguard.models.base import check_image_size
 from bdguard.training.config import TrainConfig
 from bdguard.training.runtime import seed_everything
 
@@ -21,11 +22,14 @@ def new_model(
     a Python caller built (bdguard.api), each defense network starting from its weights."""
     if initial is not None:
         check_initial(initial, bundle)
-        return copy.deepcopy(initial).to(device)
-    seed_everything(config.seed)
-    channels = bundle.image_shape[0]
-    model = build_model(config.model, bundle.num_classes, channels, bundle.mean, bundle.std, **config.model_kwargs)
-    return model.to(device)
+        model = copy.deepcopy(initial).to(device)
+    else:
+        seed_everything(config.seed)
+        channels = bundle.image_shape[0]
+        model = build_model(config.model, bundle.num_classes, channels, bundle.mean, bundle.std, **config.model_kwargs)
+        model = model.to(device)
+    check_image_size(model, bundle.image_shape, bundle.name)
+    return model
 
 
 def check_initial(model: BackdoorModel, bundle: DataBundle) -> None:
