@@ -115,14 +115,16 @@ def test_every_detector_scores_every_poisoned_set_of_the_bench(smoke_bench):
 
 
 # pieces of the smoke grid whose steps are the full grid's, run by the executor and resume tests and compared with
-# the serial run's rows: a repair and a model-based detection wait for the `none` model; the V&B detector trains its
-# own Victim; the killed bench stops in a V&B cell once it has checkpointed
+# the serial run's rows (without the galleries and analyses, which the serial run draws): a repair and a model-based
+# detection wait for the `none` model; the V&B detector trains its own Victim; the killed bench stops in a V&B cell
+# once it has checkpointed
 PIECE = {"defenses": ("none", "linf-prune"), "detectors": ("vab", "spectral")}
 KILLED_PIECE = {"defenses": ("none", "vab", "linf-prune"), "detectors": ("vab", "spectral")}
 
 
 def _piece(piece: dict[str, tuple[str, ...]]) -> list[str]:
-    return [*SMOKE, "--attacks", "badnets", *(f"--{key}={','.join(names)}" for key, names in piece.items())]
+    names = [f"--{key}={','.join(names)}" for key, names in piece.items()]
+    return [*SMOKE, "--attacks", "badnets", *names, "--set", "analyze=false", "--set", "gallery=false"]
 
 
 def test_a_killed_bench_resumes_to_the_same_results(smoke_bench, tmp_path, capsys):

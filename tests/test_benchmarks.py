@@ -12,7 +12,6 @@ import csv
 import io
 import json
 import os
-import runpy
 import shlex
 import subprocess
 import sys
@@ -23,6 +22,7 @@ import pytest
 import torch
 
 from bdguard.cli.main import main
+from cli_helpers import run_python
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # this interpreter's `bdguard`, `python` and `torchrun`
@@ -44,23 +44,9 @@ def shims(tmp_path_factory) -> Path:
     return folder
 
 
-def _python(name: str, *argv: str) -> tuple[int | str | None, str]:
-    """benchmarks/NAME (or a script path) run as `python NAME ARGV...`, in this process: (exit code, stdout)."""
-    path = Path(name) if "/" in name else ROOT / "benchmarks" / name
-    saved, sys.argv = sys.argv, [str(path), *argv]
-    printed, code = io.StringIO(), 0
-    try:
-        with redirect_stdout(printed), redirect_stderr(io.StringIO()):
-            runpy.run_path(str(path), run_name="__main__")
-    except SystemExit as stop:
-        code = stop.code
-    finally:
-        sys.argv = saved
-    return code, printed.getvalue()
-
-
 def _script(name: str, *argv: str) -> str:
-    code, printed = _python(name, *argv)
+    """benchmarks/NAME (or a script path) run as `python NAME ARGV...`: what it printed."""
+    code, printed = run_python(Path(name) if "/" in name else ROOT / "benchmarks" / name, *argv)
     assert code in (0, None), code
     return printed
 
@@ -197,7 +183,7 @@ def test_plot_prune_draws_the_curves_of_a_pruned_model(pruned, tmp_path):
     _script("plot_prune.py", str(folder), "badnets", str(figure))
     assert figure.read_bytes().startswith(b"\x89PNG")
     # ... and it is refused, not drawn empty, where no curve was read
-    code, _ = _python("plot_prune.py", str(folder), "wanet", str(tmp_path / "x.png"))
+    code, _ = run_python(ROOT / "benchmarks" / "plot_prune.py", str(folder), "wanet", str(tmp_path / "x.png"))
     assert "no pruning curves of wanet" in str(code) and not (tmp_path / "x.png").exists()
 
 

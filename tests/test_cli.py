@@ -8,7 +8,7 @@ import torch
 from bdguard.cli.main import main
 from cli_helpers import assert_one_line_error, run_cli
 
-TRAIN = ["train", "--dataset", "synthetic", "--model", "small-cnn", "--epochs", "1", "--threads", "2", "--quiet"]
+TRAIN = ["train", "--dataset", "synthetic", "--model", "small-cnn", "--epochs", "1", "--threads", "1", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def test_demo_trains_prunes_and_prints_one_table(tmp_path, capsys, monkeypatch):
             **bench_config.read_suite("demo"),
             "data": {"dataset": "synthetic"},
             "by_attack": {"badnets": {"params": {"patch_size": 4}}},
-            "train": {"model": "small-cnn", "epochs": 1, "batch_size": 64, "threads": 2},
+            "train": {"model": "small-cnn", "epochs": 1, "batch_size": 64, "threads": 1},
             "probe": {"size": 200},
             "by_defense": {
                 "vab": {"params": {"preset": "smoke"}},  # V&B's settings for the synthetic set

@@ -110,7 +110,8 @@ def test_strip_flags_triggered_fashion_mnist_images(tmp_path):
     model = new_model(run.bundle, config.train, cpu)
     steps = steps_per_epoch(len(run.poisoned.train), config.train.batch_size)
     fit(Trainer(model, config.train, cpu, None, steps), run.poisoned.train, lambda m: {}, quiet=True)
-    assert evaluate(model.eval(), run.bundle.test, run.triggered(run.bundle.test))["asr"] > 0.9
+    test = run.bundle.test.subset(torch.arange(1000))  # of 10,000: enough to see the backdoor learned
+    assert evaluate(model.eval(), test, run.triggered(test))["asr"] > 0.9
     save_model(model, tmp_path / "model.safetensors", model_meta(model, run.bundle, {}))
     results = run_detect(config, tmp_path / "strip", tmp_path / "model.safetensors", quiet=True)
     metrics = results["metrics"]

@@ -16,7 +16,7 @@ from cli_helpers import assert_one_line_error, run_cli
 
 
 def _config(**train):
-    base = {"model": "small-cnn", "epochs": 2, "batch_size": 64, "lr": 0.05, "schedule": "onecycle", "threads": 2}
+    base = {"model": "small-cnn", "epochs": 2, "batch_size": 64, "lr": 0.05, "schedule": "onecycle", "threads": 1}
     return RunConfig.from_dict(
         {"data": {"dataset": "synthetic"}, "attack": {"name": "badnets", "rate": 0.1}, "train": {**base, **train}}
     )

@@ -33,14 +33,12 @@ def _run(tmp_path, name: str, epochs: int, defense: dict) -> dict:
 
 
 def test_vab_trains_a_clean_model_on_poisoned_data(tmp_path):
-    plain = _run(tmp_path, "none", 2, {"name": "none"})
-    assert plain["asr"] > 0.9 and plain["ba"] > 0.85, plain
-
     epochs = 4
     results = _run(tmp_path, "vab", epochs, {"name": "vab", "params": VAB})
     out = tmp_path / "vab"
     assert results["asr"] < 0.1 and results["ba"] > 0.75, results
-    assert results["vab"]["victim"]["asr"] > 0.9  # the Victim is backdoored on purpose
+    # the Victim is backdoored on purpose: the trigger is learned at this setting, and kept out of the Beneficiary
+    assert results["vab"]["victim"]["asr"] > 0.9
     detector, split = results["detector"], results["vab"]["split"]
     assert detector["tpr"] > 0.9 and detector["fpr"] < 0.25 and detector["auroc"] > 0.85, detector
     assert split["rounds"] == 3 + epochs  # warm-up rounds + one update after every epoch at this budget
@@ -164,6 +162,23 @@ def _split(tmp_path, name: str, **params) -> tuple[TrainingJob, dict, torch.Tens
     return job, results, torch.tensor([r[2] == "yes" for r in rows])
 
 
+@pytest.fixture(scope="module")
+def global_split(tmp_path_factory) -> tuple[TrainingJob, dict, torch.Tensor, list[torch.Tensor]]:
+    """The easy-class set under the Victim's global split (no attacked label: stage B falls back to suppression),
+    shared by the split tests; and the suspicious sets stage B unlearned (none, in a fallback)."""
+    seen: list[torch.Tensor] = []
+    original = vab_defense.unlearn_epoch
+
+    def recorded(ben, data, credible, suspicious, *args):
+        seen.append(suspicious.clone())
+        return original(ben, data, credible, suspicious, *args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(vab_defense, "unlearn_epoch", recorded)
+        job, results, flagged = _split(tmp_path_factory.mktemp("split"), "global", split_rule="global")
+    return job, results, flagged, seen
+
+
 def _share(mask: torch.Tensor, within: torch.Tensor) -> float:
     return float(mask[within].float().mean())
 
@@ -175,8 +190,8 @@ def _easy_and_relabelled(poisoned) -> tuple[torch.Tensor, torch.Tensor]:
     return easy, poisoned.poison_mask & (poisoned.original_labels != poisoned.train.labels)
 
 
-def test_the_refined_split_hands_an_easy_clean_class_back_and_keeps_the_poison(tmp_path):
-    job, plain, flagged = _split(tmp_path, "global", split_rule="global")
+def test_the_refined_split_hands_an_easy_clean_class_back_and_keeps_the_poison(tmp_path, global_split):
+    job, plain, flagged, _ = global_split
     _, refined, suspicious = _split(tmp_path, "refined", split_rule="global", refine=True, refine_until=1.0)
     easy, relabelled = _easy_and_relabelled(job.poisoned)
     # the Victim alone (its training never depends on the Beneficiary) loses most of the easy class to S ...
@@ -191,11 +206,11 @@ def test_the_refined_split_hands_an_easy_clean_class_back_and_keeps_the_poison(t
     assert bool((suspicious[target] == flagged[target]).all())
 
 
-def test_the_label_rule_keeps_an_easy_clean_class_credible_and_the_poison_suspicious(tmp_path):
+def test_the_label_rule_keeps_an_easy_clean_class_credible_and_the_poison_suspicious(tmp_path, global_split):
     """On the same set: the check model finds label 0 attacked from the flagged samples' content and every flag
     outside it goes back to C, with no Beneficiary in the loop; inside label 0, the Victim's own flags keep the
     poison suspicious, and the default's Otsu cut keeps the label's clean samples credible too."""
-    job, plain, flagged = _split(tmp_path, "global", split_rule="global")
+    job, plain, flagged, _ = global_split
     _, inside, suspicious = _split(tmp_path, "inside", label_within="global")
     _, default, cut = _split(tmp_path, "otsu")
     easy, relabelled = _easy_and_relabelled(job.poisoned)
@@ -214,7 +229,9 @@ def test_the_label_rule_keeps_an_easy_clean_class_credible_and_the_poison_suspic
 
 
 @pytest.mark.parametrize("stage_b", ["unlearn", "relabel"])
-def test_stage_b_unlearns_only_the_suspicious_samples_the_check_model_disputes(tmp_path, monkeypatch, stage_b):
+def test_stage_b_unlearns_only_the_suspicious_samples_the_check_model_disputes(
+    tmp_path, monkeypatch, global_split, stage_b
+):
     """On the easy-class set (label 0 found attacked): stage B's loss on S reaches only the suspicious samples the
     check model puts in another class, nearly all of them relabelled poison, and never the target label's clean
     samples the check model agrees with; the model ends clean. With the global split (no attacked label) stage B
@@ -241,8 +258,11 @@ def test_stage_b_unlearns_only_the_suspicious_samples_the_check_model_disputes(t
     rows = [json.loads(line) for line in (tmp_path / stage_b / "metrics.jsonl").read_text().splitlines()]
     assert [row.get("unlearned") for row in rows] == [None, None, seen[0].numel(), seen[1].numel()]
 
-    seen.clear()
-    _, fallback, _ = _split(tmp_path, "global", split_rule="global", stage_b=stage_b)
+    if stage_b == "unlearn":  # the default: the shared global run is its fallback
+        _, fallback, _, seen = global_split
+    else:
+        seen.clear()
+        _, fallback, _ = _split(tmp_path, "global", split_rule="global", stage_b=stage_b)
     assert seen == [] and fallback["split"]["attacked_labels"] == []
 
 
