@@ -93,6 +93,16 @@ def test_the_forked_check_sees_a_cycle_that_breaks_one_import_order_only(tmp_pat
     assert found["cyclic.b"] == "" and "ImportError: cannot import name 'A'" in found["cyclic.a"]
 
 
+def test_a_command_starts_without_the_slow_libraries():
+    """Every command, bench worker and torchrun rank pays bdguard's start-up: torchvision's models (which load
+    torch._dynamo), SciPy, scikit-learn, matplotlib, Ray, timm and datasets are imported where they are used."""
+    slow = ["torchvision", "scipy", "sklearn", "matplotlib", "ray", "timm", "datasets"]
+    script = f"import sys, bdguard.cli.main; print([name for name in {slow!r} if name in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
 def test_a_new_file_in_a_registry_package_registers_itself(tmp_path, monkeypatch):
     """What makes a new attack, defense, detector, data set or model one file: the package imports all its modules."""
     package = tmp_path / "plugins"
