@@ -162,19 +162,24 @@ def _split(tmp_path, name: str, **params) -> tuple[TrainingJob, dict, torch.Tens
     return job, results, torch.tensor([r[2] == "yes" for r in rows])
 
 
-@pytest.fixture(scope="module")
-def global_split(tmp_path_factory) -> tuple[TrainingJob, dict, torch.Tensor, list[torch.Tensor]]:
-    """The easy-class set under the Victim's global split (no attacked label: stage B falls back to suppression),
-    shared by the split tests; and the suspicious sets stage B unlearned (none, in a fallback)."""
-    seen: list[torch.Tensor] = []
+def _record_unlearning(patch: pytest.MonkeyPatch, seen: list[torch.Tensor]) -> None:
+    """Stage B's unlearning epochs append the suspicious samples they reach to `seen`."""
     original = vab_defense.unlearn_epoch
 
     def recorded(ben, data, credible, suspicious, *args):
         seen.append(suspicious.clone())
         return original(ben, data, credible, suspicious, *args)
 
+    patch.setattr(vab_defense, "unlearn_epoch", recorded)
+
+
+@pytest.fixture(scope="module")
+def global_split(tmp_path_factory) -> tuple[TrainingJob, dict, torch.Tensor, list[torch.Tensor]]:
+    """The easy-class set under the Victim's global split (no attacked label: stage B falls back to suppression),
+    shared by the split tests; and the suspicious sets stage B unlearned (none, in a fallback)."""
+    seen: list[torch.Tensor] = []
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(vab_defense, "unlearn_epoch", recorded)
+        _record_unlearning(patch, seen)
         job, results, flagged = _split(tmp_path_factory.mktemp("split"), "global", split_rule="global")
     return job, results, flagged, seen
 
@@ -237,13 +242,7 @@ def test_stage_b_unlearns_only_the_suspicious_samples_the_check_model_disputes(
     samples the check model agrees with; the model ends clean. With the global split (no attacked label) stage B
     falls back to the reference's suppression."""
     seen: list[torch.Tensor] = []
-    original = vab_defense.unlearn_epoch
-
-    def recorded(ben, data, credible, suspicious, *args):
-        seen.append(suspicious.clone())
-        return original(ben, data, credible, suspicious, *args)
-
-    monkeypatch.setattr(vab_defense, "unlearn_epoch", recorded)
+    _record_unlearning(monkeypatch, seen)
     job, results, split = _split(tmp_path, stage_b, stage_b=stage_b)
     _, relabelled = _easy_and_relabelled(job.poisoned)
     assert len(seen) == 2 and seen[-1].numel() > 0  # both stage B epochs

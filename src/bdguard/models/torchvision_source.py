@@ -122,7 +122,8 @@ def _models() -> ModuleType:
 
 
 def torchvision_names() -> list[str]:
-    return _models().list_models(module=_models())
+    models = _models()
+    return models.list_models(module=models)
 
 
 def torchvision_builder(name: str) -> ModelBuilder:
